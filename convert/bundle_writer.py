@@ -1,0 +1,133 @@
+"""`medgemma-edge convert`: checkpoint -> bundle, atomically.
+
+Everything is written into a hidden `.NAME.partial-PID` folder beside the target; the manifest is
+written last and the folder renamed into place only when every artifact is hashed. A conversion
+killed at any point therefore leaves no folder that `load` or `info` would accept.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import shutil
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from convert.checkpoint import Checkpoint
+from convert.gguf_decoder import DECODER_PRECISIONS, quantize_decoder, write_decoder_f32
+from convert.gguf_mmproj import MMPROJ_PRECISIONS, write_mmproj
+from convert.spec import load_spec
+from medgemma_edge import __version__
+from medgemma_edge.bundle import FORMAT, FORMAT_VERSION, Artifact, Bundle, open_bundle, sha256_file, write_manifest
+from medgemma_edge.errors import UserError
+from medgemma_edge.native import quiet_llama
+
+log = logging.getLogger(__name__)
+
+
+def _check_precisions(asked: list[str], known: dict[str, Any], flag: str) -> list[str]:
+    bad = [p for p in asked if p not in known]
+    if bad:
+        raise UserError(f"{flag} {bad[0]!r} is not supported; choose from {', '.join(known)}")
+    return list(dict.fromkeys(asked))  # de-duplicate, keep order
+
+
+def _clean_stale_partials(out_dir: Path) -> None:
+    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing leftovers of an interrupted conversion: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str],
+                       overwrite: bool = False, progress: bool = True) -> Bundle:
+    src, out = Path(checkpoint_dir), Path(out_dir)
+    gguf = _check_precisions(gguf, DECODER_PRECISIONS, "--gguf")
+    mmproj = _check_precisions(mmproj, MMPROJ_PRECISIONS, "--mmproj")
+    if not gguf and not mmproj:
+        raise UserError("nothing to convert: pass at least one --gguf or --mmproj precision")
+    if not src.is_dir():
+        raise UserError(f"{src}: checkpoint folder not found; pass a local Hugging Face checkpoint folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it or choose another -o")
+    spec = load_spec(src)
+    ckpt = Checkpoint(src)
+    quiet_llama()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        artifacts = _write_artifacts(ckpt, spec, tmp, gguf, mmproj, progress)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "notice": "Research use only; not for clinical diagnosis (see the MedGemma model card).",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "converter": {
+                "name": "medgemma-edge", "version": __version__, "python": platform.python_version(),
+                "llama_cpp_python": version("llama-cpp-python"), "gguf": version("gguf"),
+            },
+            "source": {"path": str(src.resolve()), "files": ckpt.file_hashes()},
+            "config": spec.summary(),
+            "artifacts": [a.to_json() for a in artifacts],
+        }
+        write_manifest(tmp, manifest)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle written to %s", out)
+    return open_bundle(out)
+
+
+def _write_artifacts(ckpt: Checkpoint, spec: Any, tmp: Path, gguf: list[str], mmproj: list[str],
+                     progress: bool) -> list[Artifact]:
+    written: list[tuple[str, str, str, Path, dict[str, Any]]] = []
+    if gguf:
+        base = tmp / ("decoder-f32.gguf" if "f32" in gguf else ".decoder-f32.base.gguf")
+        write_decoder_f32(ckpt, spec, base, progress)
+        if "f32" in gguf:
+            written.append(("decoder", "gguf", "f32", base, {"writer": "medgemma-edge gguf_decoder"}))
+        for p in tqdm([p for p in gguf if p != "f32"], desc="llama.cpp quantize", unit="artifact", disable=not progress):
+            path = tmp / f"decoder-{p}.gguf"
+            quantize_decoder(base, path, p)
+            written.append(("decoder", "gguf", p, path, {"writer": "llama_model_quantize", "from": "f32",
+                                                         "llama_ftype": DECODER_PRECISIONS[p]}))
+        if "f32" not in gguf:
+            base.unlink()
+    for p in mmproj:
+        path = tmp / f"mmproj-{p}.gguf"
+        write_mmproj(ckpt, spec, path, p, progress)
+        written.append(("encoder", "gguf", p, path, {
+            "writer": "medgemma-edge gguf_mmproj",
+            "policy": "embeddings and 1-D tensors F32; input projection F16 unless f32; rows not divisible by 32 F16",
+        }))
+    return [
+        Artifact(kind=k, format=f, precision=p, file=path.name, size=path.stat().st_size,
+                 sha256=sha256_file(path), recipe=recipe)
+        for k, f, p, path, recipe in tqdm(written, desc="sha256", unit="file", disable=not progress)
+    ]

@@ -1,0 +1,139 @@
+"""The bundle: a folder of artifacts plus `manifest.json`, the contract between conversion and runtime.
+
+The manifest is the single source of truth for what each file is (kind, format, precision) and
+what its bytes must hash to; nothing is ever parsed from file names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medgemma_edge.errors import IntegrityError, UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "medgemma-edge-bundle"
+FORMAT_VERSION = 1
+KINDS = ("decoder", "encoder")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: str  # "decoder" | "encoder"
+    format: str  # "gguf" | "onnx"
+    precision: str  # "f32", "f16", "q8_0", "q4_k_m", ...
+    file: str
+    size: int
+    sha256: str
+    recipe: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        """What `load(encoder=..., decoder=...)` and the CLI call this artifact: `gguf:q4_k_m`."""
+        return f"{self.format}:{self.precision}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "format": self.format, "precision": self.precision, "file": self.file,
+            "size": self.size, "sha256": self.sha256, "recipe": self.recipe,
+        }
+
+
+class Bundle:
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.dir = directory
+        self.manifest = manifest
+        self.artifacts = [_artifact(a, directory) for a in manifest["artifacts"]]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["config"]
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256((self.dir / MANIFEST).read_bytes()).hexdigest()
+
+    def path(self, artifact: Artifact) -> Path:
+        return self.dir / artifact.file
+
+    def find(self, kind: str, artifact_id: str) -> Artifact:
+        for a in self.artifacts:
+            if a.kind == kind and a.id == artifact_id:
+                return a
+        have = ", ".join(a.id for a in self.artifacts if a.kind == kind) or "none"
+        raise UserError(
+            f"{self.dir / MANIFEST}: no {kind} artifact {artifact_id!r} (this bundle has: {have}); "
+            f"pick one of those or re-run `medgemma-edge convert` with that precision"
+        )
+
+    def verify(self, artifacts: list[Artifact] | None = None) -> None:
+        """Re-hash artifacts and refuse any whose size or sha256 differs from the manifest."""
+        for a in artifacts if artifacts is not None else self.artifacts:
+            path = self.path(a)
+            if not path.is_file():
+                raise IntegrityError(f"{path}: listed in {MANIFEST} but missing; re-run `medgemma-edge convert`")
+            if path.stat().st_size != a.size or sha256_file(path) != a.sha256:
+                raise IntegrityError(
+                    f"{path}: sha256 does not match {MANIFEST} (the file was modified or truncated "
+                    f"after conversion); re-run `medgemma-edge convert` to rebuild it"
+                )
+            log.info("verified %s (%s)", a.file, a.sha256[:12])
+
+
+def _artifact(entry: Any, directory: Path) -> Artifact:
+    try:
+        a = Artifact(
+            kind=str(entry["kind"]), format=str(entry["format"]), precision=str(entry["precision"]),
+            file=str(entry["file"]), size=int(entry["size"]), sha256=str(entry["sha256"]),
+            recipe=dict(entry.get("recipe") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{directory / MANIFEST}: malformed artifact entry ({exc!r}); re-run `medgemma-edge convert`") from exc
+    if a.kind not in KINDS or Path(a.file).name != a.file:
+        raise UserError(f"{directory / MANIFEST}: invalid artifact entry {a.file!r}; re-run `medgemma-edge convert`")
+    return a
+
+
+def open_bundle(directory: str | Path) -> Bundle:
+    """Read and validate a bundle's manifest (without hashing artifacts)."""
+    d = Path(directory)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise UserError(f"{d}: bundle folder not found; create one with `medgemma-edge convert CHECKPOINT -o {d}`")
+    if not path.is_file():
+        raise UserError(
+            f"{d}: no {MANIFEST}, so this is not a finished bundle (an interrupted conversion leaves none); "
+            f"re-run `medgemma-edge convert`"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable manifest ({exc}); re-run `medgemma-edge convert`") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not a medgemma-edge manifest; re-run `medgemma-edge convert`")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: bundle format version {manifest.get('format_version')!r}, this medgemma-edge reads "
+            f"{FORMAT_VERSION}; convert again with this version"
+        )
+    if not isinstance(manifest.get("artifacts"), list) or not isinstance(manifest.get("config"), dict):
+        raise UserError(f"{path}: manifest lacks artifacts or config; re-run `medgemma-edge convert`")
+    return Bundle(d, manifest)
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -1,0 +1,163 @@
+"""`medgemma-edge`: a thin click layer; every command parses options and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+import click
+
+from medgemma_edge.errors import UserError
+from medgemma_edge.pipeline import NOTICE
+
+log = logging.getLogger("medgemma_edge")
+
+EPILOG = f"{NOTICE} Nothing is downloaded: every command works offline."
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip().lower() for v in value.split(",") if v.strip()]
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medgemma-edge")
+@click.option("-v", "--verbose", is_flag=True, help="Show progress logs and llama.cpp's own messages.")
+def cli(verbose: bool) -> None:
+    """Convert, run and inspect MedGemma on local hardware (llama.cpp, offline)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("prompt")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), help="Bundle folder from `convert`.")
+@click.option("--decoder-gguf", type=click.Path(path_type=Path), help="Text-only: any Gemma 3 decoder GGUF instead of a bundle.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable); shown after the prompt.")
+@click.option("--encoder", default=None, help="Encoder artifact, e.g. gguf:f16 (default: best in bundle).")
+@click.option("--decoder", default=None, help="Decoder artifact, e.g. gguf:q4_k_m (default: best in bundle).")
+@click.option("--system", default=None, help="System instruction, e.g. 'You are an expert radiologist.'")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1, 8192))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off.")
+@click.option("--seed", default=None, type=int, help="Sampling seed (reproducible answers).")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(64), help="Context length in tokens.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: llama.cpp's choice).")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifacts against the manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token counts, timings) instead of streaming.")
+def run(prompt: str, bundle_dir: Path | None, decoder_gguf: Path | None, images: tuple[Path, ...], encoder: str | None,
+        decoder: str | None, system: str | None, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+        seed: int | None, n_ctx: int, threads: int | None, no_verify: bool, as_json: bool) -> None:
+    """Answer PROMPT about zero or more images, streaming tokens to stdout.
+
+    \b
+    Examples:
+      medgemma-edge run --bundle B --image cxr.png "Describe this X-ray"
+      medgemma-edge run --decoder-gguf gemma-3-270m.gguf "Why is the sky blue?"
+    """
+    from medgemma_edge.loader import load, load_decoder_gguf
+
+    if (bundle_dir is None) == (decoder_gguf is None):
+        raise UserError("pass exactly one of --bundle BUNDLE_DIR or --decoder-gguf FILE")
+    if decoder_gguf is not None:
+        pipe = load_decoder_gguf(decoder_gguf, n_ctx=n_ctx, n_threads=threads)
+    else:
+        pipe = load(bundle_dir, encoder=encoder, decoder=decoder, n_ctx=n_ctx, n_threads=threads,  # type: ignore[arg-type]
+                    verify=not no_verify, text_only=not images)
+    gen = pipe.generate(prompt, images=list(images), system=system, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stream=True)
+    for piece in gen:  # type: ignore[union-attr]
+        if not as_json:
+            click.echo(piece, nl=False)
+    result = gen.result  # type: ignore[union-attr]
+    if as_json:
+        click.echo(json.dumps(result.to_json(pipe.info), indent=2))
+    else:
+        click.echo()
+        t = result.timings
+        log.info("ttft %.0f ms, decode %.1f tok/s", t["time_to_first_token_ms"], t["decode_tokens_per_s"])
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--no-verify", is_flag=True, help="Only print the manifest; do not re-hash artifacts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(bundle_dir: Path, no_verify: bool, as_json: bool) -> None:
+    """Print a bundle's manifest and verify every artifact's sha256."""
+    from medgemma_edge.bundle import open_bundle
+
+    bundle = open_bundle(bundle_dir)
+    if not no_verify:
+        bundle.verify()
+    if as_json:
+        click.echo(json.dumps({**bundle.manifest, "verified": not no_verify}, indent=2))
+        return
+    m, cfg = bundle.manifest, bundle.config
+    t, v = cfg["text"], cfg["vision"]
+    click.echo(f"bundle     {bundle.dir}  (id {bundle.manifest_sha256[:16]})")
+    click.echo(f"converter  medgemma-edge {m['converter']['version']}, {m['created']}")
+    click.echo(f"source     {m['source']['path']}  ({len(m['source']['files'])} files hashed)")
+    click.echo(f"decoder    gemma3: {t['num_layers']} layers, hidden {t['hidden_size']}, vocab {t['vocab_size']}")
+    click.echo(f"vision     siglip: {v['num_layers']} layers, {v['image_size']}px, {cfg['tokens_per_image']} tokens/image")
+    for a in bundle.artifacts:
+        click.echo(f"  {a.kind:8s} {a.id:14s} {a.size / 2**20:9.1f} MiB  sha256 {a.sha256[:16]}  {a.file}")
+    click.echo("integrity  all artifacts match the manifest" if not no_verify else "integrity  not checked (--no-verify)")
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
+@click.option("--gguf", default="f16,q4_k_m", show_default=True, help="Decoder precisions: f32,f16,bf16,q8_0,q4_0,q4_k_m.")
+@click.option("--mmproj", default="f16", show_default=True, help="Vision encoder precisions: f32,f16,q8_0.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle (atomically, only once the new one is complete).")
+def convert(checkpoint_dir: Path, out_dir: Path, gguf: str, mmproj: str, overwrite: bool) -> None:
+    """Convert a local MedGemma Hugging Face checkpoint into a bundle of GGUF artifacts."""
+    from medgemma_edge.convert_entry import convert_checkpoint
+
+    bundle = convert_checkpoint(checkpoint_dir, out_dir, _csv(gguf), _csv(mmproj), overwrite=overwrite)
+    click.echo(f"wrote {bundle.dir}: " + ", ".join(f"{a.kind} {a.id}" for a in bundle.artifacts))
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--size", type=click.Choice(["tiny", "4b"]), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth(out_dir: Path, size: str, seed: int) -> None:
+    """Write a RANDOM-WEIGHT checkpoint in MedGemma's published layout (for tests and benchmarks)."""
+    from medgemma_edge.convert_entry import synthesize
+
+    synthesize(out_dir, size=size, seed=seed)
+    click.echo(f"wrote synthetic {size} checkpoint (random weights, not a medical model) to {out_dir}")
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--workdir", default=Path(".cache/demo"), show_default=True, type=click.Path(path_type=Path))
+def demo(workdir: Path) -> None:
+    """Build a tiny random-weight bundle on the fly and run it on a sample image, end to end."""
+    from medgemma_edge.demo import run_demo
+
+    run_demo(workdir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="medgemma-edge", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if log.isEnabledFor(logging.DEBUG):
+            raise
+        click.echo(f"error: internal error ({type(exc).__name__}: {exc}); re-run with --verbose for details", err=True)
+        sys.exit(1)

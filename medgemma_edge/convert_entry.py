@@ -1,0 +1,44 @@
+"""Doorway from the runtime CLI to `convert/`, which needs the `convert` extra (torch, gguf, ...).
+
+The runtime itself never imports torch or transformers; only these entry points do, on demand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from medgemma_edge.bundle import Bundle
+from medgemma_edge.errors import UserError
+
+
+def _require_convert_extra() -> None:
+    # conversion runs offline too: any hub client transformers pulls in must never reach out
+    for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[flag] = "1"
+    try:
+        import gguf  # noqa: F401
+        import safetensors  # noqa: F401
+        import sentencepiece  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f"conversion needs the 'convert' extra ({exc.name} is not installed): "
+            f"pip install torch==2.13.0 'medgemma-edge[convert]'"
+        ) from exc
+
+
+def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str],
+                       overwrite: bool = False, progress: bool = True) -> Bundle:
+    _require_convert_extra()
+    from convert.bundle_writer import convert_checkpoint as _convert
+
+    return _convert(checkpoint_dir, out_dir, gguf, mmproj, overwrite=overwrite, progress=progress)
+
+
+def synthesize(out_dir: str | Path, size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    _require_convert_extra()
+    from convert.synth import synthesize as _synth
+
+    return _synth(Path(out_dir), size=size, seed=seed, **overrides)

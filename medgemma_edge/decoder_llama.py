@@ -1,0 +1,177 @@
+"""The llama.cpp decoder backend: token and embedding prefill, single-step decode, logits as numpy.
+
+Images enter as embeddings (never as token ids), decoded in one batch with causal attention off so
+the image span is bidirectional, as transformers does with `token_type_ids`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medgemma_edge.errors import UserError
+from medgemma_edge.gguf_header import read_gguf_header
+from medgemma_edge.native import quiet_llama
+
+log = logging.getLogger(__name__)
+
+
+class LlamaDecoder:
+    """A Gemma 3 GGUF decoder with one sequence (seq 0) of KV cache."""
+
+    def __init__(self, path: Path, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
+                 kv_f32: bool = False, n_gpu_layers: int = 0) -> None:
+        import llama_cpp
+
+        quiet_llama()
+        self._ll = llama_cpp
+        self.path = path
+        arch = read_gguf_header(path).get("general.architecture")
+        if arch != "gemma3":
+            raise UserError(f"{path}: GGUF architecture is {arch!r}, not a Gemma 3 decoder ('gemma3'); "
+                            f"pass a decoder GGUF (an mmproj is an image encoder)")
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise UserError(f"{path}: llama.cpp could not load this GGUF (truncated, corrupt or not a decoder); "
+                            f"re-run `medgemma-edge convert` or check the file")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_batch = n_batch
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        # the image span must sit in one micro-batch to be decoded non-causally
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        if n_threads:
+            cparams.n_threads = cparams.n_threads_batch = n_threads
+        if kv_f32:  # the f16 default KV cache alone moves f32 logits by ~1e-3
+            cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F32
+        cparams.swa_full = True  # keep the whole window history so a session can roll back and reuse it
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise UserError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens (out of memory?); "
+                            f"lower --ctx")
+        self.n_ctx = n_ctx
+        self.n_past = 0
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._ebatch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+
+    # -- vocabulary ---------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, with control tokens such as `<start_of_turn>` parsed; no BOS added."""
+        raw = text.encode("utf-8")
+        buf = (self._ll.llama_token * (len(raw) + 8))()
+        n = self._ll.llama_tokenize(self._vocab, raw, len(raw), buf, len(buf), False, True)
+        if n < 0:
+            raise UserError(f"prompt too long to tokenize ({len(raw)} bytes)")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def detokenizer(self) -> "Detokenizer":
+        return Detokenizer(self)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._ll.llama_memory_clear(self._ll.llama_get_memory(self._ctx), True)
+        self.n_past = 0
+
+    def truncate(self, n_keep: int) -> None:
+        """Forget cached positions from `n_keep` on, so a shared prefix can be reused."""
+        self._ll.llama_memory_seq_rm(self._ll.llama_get_memory(self._ctx), 0, n_keep, -1)
+        self.n_past = n_keep
+
+    def eval_tokens(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Prefill token ids causally; returns logits [n, vocab] (all) or [1, vocab] (last)."""
+        outs = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last = start + len(chunk) == len(tokens)
+            b = self._batch
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+            outs.append(self._decode(b, len(chunk), all_logits, last))
+        return np.concatenate(outs) if outs else np.zeros((0, self.n_vocab), np.float32)
+
+    def eval_embeddings(self, embd: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Prefill one image's embeddings [n, n_embd] in one batch with bidirectional attention."""
+        n = embd.shape[0]
+        if embd.shape[1] != self.n_embd:
+            raise UserError(f"image embeddings have width {embd.shape[1]}, decoder {self.path.name} expects "
+                            f"{self.n_embd}: the encoder belongs to another model")
+        if n > self.n_batch:
+            raise UserError(f"an image of {n} tokens does not fit the decoder batch of {self.n_batch}")
+        b = self._ebatch
+        ctypes.memmove(b.embd, np.ascontiguousarray(embd, dtype=np.float32).ctypes.data, embd.size * 4)
+        self._ll.llama_set_causal_attn(self._ctx, False)
+        try:
+            return self._decode(b, n, all_logits, True)
+        finally:
+            self._ll.llama_set_causal_attn(self._ctx, True)
+
+    def _decode(self, b: object, n: int, all_logits: bool, last: bool) -> np.ndarray:
+        if self.n_past + n > self.n_ctx:
+            raise UserError(f"the conversation needs {self.n_past + n} tokens, more than the context of "
+                            f"{self.n_ctx}; raise --ctx or shorten the prompt")
+        for i in range(n):
+            b.pos[i] = self.n_past + i  # type: ignore[attr-defined]
+            b.n_seq_id[i] = 1  # type: ignore[attr-defined]
+            b.seq_id[i][0] = 0  # type: ignore[attr-defined]
+            b.logits[i] = all_logits or (last and i == n - 1)  # type: ignore[attr-defined]
+        b.n_tokens = n  # type: ignore[attr-defined]
+        rc = self._ll.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise UserError(f"{self.path.name}: llama_decode failed (code {rc}); the context may be full")
+        self.n_past += n
+        n_out = n if all_logits else int(last)
+        if n_out == 0:
+            return np.zeros((0, self.n_vocab), np.float32)
+        ptr = self._ll.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy()
+
+    def close(self) -> None:
+        ll = self._ll
+        for attr, free in (("_batch", ll.llama_batch_free), ("_ebatch", ll.llama_batch_free)):
+            if getattr(self, attr, None) is not None:
+                free(getattr(self, attr))
+                setattr(self, attr, None)
+        if getattr(self, "_ctx", None):
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:  # native memory must not outlive the Python object
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down ctypes
+            pass
+
+
+class Detokenizer:
+    """Turns a token stream into text, holding back bytes of a UTF-8 character split across tokens."""
+
+    def __init__(self, dec: LlamaDecoder) -> None:
+        self._dec = dec
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._utf8.decode(self._dec.piece(token))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)

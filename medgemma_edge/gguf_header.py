@@ -1,0 +1,105 @@
+"""A small, defensive GGUF header reader: metadata and tensor extents, checked before any native loader.
+
+llama.cpp trusts its input; reading the header ourselves first turns a truncated or foreign file into
+a clear error, and gives the runtime facts (e.g. the mmproj's projection width) without the `gguf`
+package, which only the conversion extra installs.
+ref: GGUF v3 layout, llama.cpp ggml/src/gguf.cpp.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from medgemma_edge.errors import UserError
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# ggml type -> (block size, bytes per block), for the types our bundles contain.
+_TYPE_SIZES = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+               10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292)}
+_MAX_COUNT = 1 << 24  # no real header has more entries than this; a larger count means garbage
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    metadata: dict[str, Any]
+    n_tensors: int
+    data_end: int  # bytes the file must have to hold every tensor
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO, path: Path) -> None:
+        self.f, self.path = f, path
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        raw = self.f.read(size)
+        if len(raw) != size:
+            raise UserError(f"{self.path}: GGUF header is truncated; the file is incomplete, copy or convert it again")
+        return struct.unpack(fmt, raw)[0]
+
+    def count(self) -> int:
+        n = self.unpack("<Q")
+        if n > _MAX_COUNT:
+            raise UserError(f"{self.path}: GGUF header is corrupt (count {n}); convert the model again")
+        return n
+
+    def string(self) -> str:
+        raw = self.f.read(self.count())
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            sub, n = self.unpack("<I"), self.count()
+            if sub in _SCALARS and n > 64:  # skip big numeric arrays (token scores, types) cheaply
+                self.f.seek(n * struct.calcsize(_SCALARS[sub]), 1)
+                return None
+            items = [self.value(sub) for _ in range(n)]
+            return items if n <= 64 else None  # the 262k-token vocabulary is read past, not kept
+        raise UserError(f"{self.path}: GGUF header has unknown value type {vtype}; the file is corrupt")
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """Parse metadata (arrays of more than 64 items are read past, not kept) and check the data fits the file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            r = _Reader(f, path)
+            if f.read(4) != b"GGUF":
+                raise UserError(f"{path}: not a GGUF file (bad magic); pass a .gguf produced by `medgemma-edge convert`")
+            version = r.unpack("<I")
+            if version not in (2, 3):
+                raise UserError(f"{path}: GGUF version {version} is not supported (expected 3)")
+            n_tensors, n_kv = r.count(), r.count()
+            meta: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = r.string()
+                meta[key] = r.value(r.unpack("<I"))
+            ends = []
+            for _ in range(n_tensors):
+                r.string()
+                dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
+                ttype, offset = r.unpack("<I"), r.unpack("<Q")
+                block, nbytes = _TYPE_SIZES.get(ttype, (1, 0))
+                n = 1
+                for d in dims:
+                    n *= d
+                ends.append(offset + n // block * nbytes)
+            align = int(meta.get("general.alignment", 32))
+            data_start = -(-f.tell() // align) * align
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from exc
+    data_end = data_start + max(ends, default=0)
+    if size < data_end:
+        raise UserError(f"{path}: GGUF is truncated ({size} of {data_end} bytes); copy or convert it again")
+    return GgufHeader(meta, n_tensors, data_end)

@@ -1,0 +1,46 @@
+"""Session fixtures: one tiny synthetic MedGemma checkpoint, its bundle, the transformers reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medgemma_edge.convert_entry import convert_checkpoint, synthesize
+
+ALL_GGUF = ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0"]
+ALL_MMPROJ = ["f32", "f16", "q8_0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("tiny") / "ckpt", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    convert_checkpoint(tiny_ckpt, out, ALL_GGUF, ALL_MMPROJ, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_ckpt: Path):
+    from reference import Reference
+
+    return Reference(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def xray_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A non-square, chest-film-like grayscale-in-RGB image: the resize must stretch it, not letterbox."""
+    h, w = 150, 120
+    yy, xx = np.mgrid[0:h, 0:w]
+    lungs = np.exp(-(((xx - 40) / 18) ** 2 + ((yy - 70) / 40) ** 2)) + np.exp(-(((xx - 80) / 18) ** 2 + ((yy - 70) / 40) ** 2))
+    noise = np.random.default_rng(1).normal(0, 0.05, (h, w))
+    gray = np.clip(200 - 150 * lungs + 255 * noise, 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("img") / "cxr.png"
+    Image.fromarray(np.stack([gray] * 3, -1)).save(path)
+    return path
