@@ -42,19 +42,20 @@ def cli(verbose: bool) -> None:
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off.")
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible answers).")
+@click.option("--raw", is_flag=True, help="No chat template: continue PROMPT as plain text (for base, non-instruction models).")
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(64), help="Context length in tokens.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: llama.cpp's choice).")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifacts against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token counts, timings) instead of streaming.")
 def run(prompt: str, bundle_dir: Path | None, decoder_gguf: Path | None, images: tuple[Path, ...], encoder: str | None,
         decoder: str | None, system: str | None, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-        seed: int | None, n_ctx: int, threads: int | None, no_verify: bool, as_json: bool) -> None:
+        seed: int | None, raw: bool, n_ctx: int, threads: int | None, no_verify: bool, as_json: bool) -> None:
     """Answer PROMPT about zero or more images, streaming tokens to stdout.
 
     \b
     Examples:
       medgemma-edge run --bundle B --image cxr.png "Describe this X-ray"
-      medgemma-edge run --decoder-gguf gemma-3-270m.gguf "Why is the sky blue?"
+      medgemma-edge run --decoder-gguf gemma-3-270m.gguf --raw "The capital of France is"
     """
     from medgemma_edge.loader import load, load_decoder_gguf
 
@@ -66,7 +67,7 @@ def run(prompt: str, bundle_dir: Path | None, decoder_gguf: Path | None, images:
         pipe = load(bundle_dir, encoder=encoder, decoder=decoder, n_ctx=n_ctx, n_threads=threads,  # type: ignore[arg-type]
                     verify=not no_verify, text_only=not images)
     gen = pipe.generate(prompt, images=list(images), system=system, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stream=True)
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stream=True, raw=raw)
     for piece in gen:  # type: ignore[union-attr]
         if not as_json:
             click.echo(piece, nl=False)

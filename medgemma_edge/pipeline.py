@@ -111,19 +111,30 @@ class Pipeline:
         logits = np.concatenate([o for o in outs if len(o)])
         return ids, logits
 
-    def prompt_logits(self, prompt: str, images: Sequence[ImageInput] = (), system: str | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+    def _parts(self, prompt: str, n_images: int, system: str | None, raw: bool) -> list[Part]:
+        if not raw:
+            return render_prompt(prompt, n_images, system)
+        if n_images or system:
+            raise UserError("raw prompts (no chat template) take no images and no system text")
+        return [prompt]  # for base (pretrained, not instruction-tuned) models: text continuation
+
+    def prompt_logits(self, prompt: str, images: Sequence[ImageInput] = (), system: str | None = None,
+                      raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Logits at every position of the chat-templated prompt: ids [n], logits [n, vocab] float32."""
         embeds = self.encode_images(images)
-        ids, logits = self._prefill(render_prompt(prompt, len(images), system), embeds, all_logits=True)
+        ids, logits = self._prefill(self._parts(prompt, len(images), system, raw), embeds, all_logits=True)
         return np.asarray(ids, dtype=np.int64), logits.astype(np.float32, copy=False)
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str, images: Sequence[ImageInput] = (), system: str | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stream: bool = False) -> GenerationResult | Generation:
-        """Answer one user turn. `stream=True` returns a Generation to iterate for text pieces."""
-        gen = Generation(self._generate(prompt, list(images), system, max_new_tokens, temperature, top_p, top_k, seed))
+                 seed: int | None = None, stream: bool = False, raw: bool = False) -> GenerationResult | Generation:
+        """Answer one user turn (or continue `prompt` verbatim with raw=True).
+
+        `stream=True` returns a Generation to iterate for text pieces; its `.result` is set at the end.
+        """
+        parts = self._parts(prompt, len(images), system, raw)
+        gen = Generation(self._generate(parts, list(images), max_new_tokens, temperature, top_p, top_k, seed))
         if stream:
             return gen
         for _ in gen:
@@ -131,13 +142,12 @@ class Pipeline:
         assert gen.result is not None
         return gen.result
 
-    def _generate(self, prompt: str, images: list[ImageInput], system: str | None, max_new_tokens: int,
-                  temperature: float, top_p: float, top_k: int, seed: int | None
-                  ) -> Iterator[str]:
+    def _generate(self, parts: list[Part], images: list[ImageInput], max_new_tokens: int, temperature: float,
+                  top_p: float, top_k: int, seed: int | None) -> Iterator[str]:
         t0 = time.perf_counter()
         embeds = self.encode_images(images)
         t_enc = time.perf_counter()
-        ids, logits = self._prefill(render_prompt(prompt, len(images), system), embeds, all_logits=False)
+        ids, logits = self._prefill(parts, embeds, all_logits=False)
         t_prefill = time.perf_counter()
         rng = np.random.default_rng(seed)
         detok = self._detokenizer()
