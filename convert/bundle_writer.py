@@ -2,7 +2,8 @@
 
 Everything is written into a hidden `.NAME.partial-PID` folder beside the target; the manifest is
 written last and the folder renamed into place only when every artifact is hashed. A conversion
-killed at any point therefore leaves no folder that `load` or `info` would accept.
+killed at any point therefore leaves no folder that `load` or `info` would accept, and the next
+conversion cleans up what it left.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ def _check_precisions(asked: list[str], known: dict[str, Any], flag: str) -> lis
     return list(dict.fromkeys(asked))  # de-duplicate, keep order
 
 
-def _clean_stale_partials(out_dir: Path) -> None:
-    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+def _clean_leftovers(out_dir: Path) -> None:
+    """Tidy up after conversions that were killed: drop their partial folders, and put back a bundle
+    that was being replaced (`.NAME.old-PID`) if the new one never made it into place."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, pid = stale.name[len(out_dir.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out_dir.exists():
+            log.warning("restoring %s, which an interrupted --overwrite had moved aside", out_dir)
+            stale.rename(out_dir)
+        else:
             log.info("removing leftovers of an interrupted conversion: %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -64,6 +72,8 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
         raise UserError("nothing to convert: pass at least one --gguf or --mmproj precision")
     if not src.is_dir():
         raise UserError(f"{src}: checkpoint folder not found; pass a local Hugging Face checkpoint folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another -o")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it or choose another -o")
     spec = load_spec(src)
@@ -71,7 +81,7 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
     quiet_llama()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_partials(out)
+    _clean_leftovers(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
@@ -91,9 +101,14 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
         }
         write_manifest(tmp, manifest)
         if out.exists():
+            # two renames, not one: a kill in between leaves `.old-PID`, which the next run restores
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except OSError:
+                old.rename(out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)

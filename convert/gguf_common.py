@@ -31,10 +31,10 @@ class TensorJob:
 
 def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if qtype == Q.F32:
-        return data.astype(np.float32)
+        return data.astype(np.float32, copy=False)  # the 4B embedding is 2.7 GB: never copy it needlessly
     if qtype == Q.F16:
         return data.astype(np.float16)
-    return gguf.quants.quantize(data.astype(np.float32), qtype)
+    return gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)
 
 
 def write_gguf(path: Path, writer: gguf.GGUFWriter, ckpt: Checkpoint, jobs: list[TensorJob],

@@ -234,6 +234,8 @@ def synthesize(out_dir: Path, size: str = "tiny", seed: int = 0, progress: bool 
     p = synth_params(size, **overrides)
     config = build_config(p)
     spec_from_config(config, f"synthetic {size} config")  # refuse shapes the runtime cannot run
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another output folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: folder exists and is not empty; choose a new folder or delete it")
     tmp = out_dir.with_name(out_dir.name + ".partial")

@@ -112,6 +112,8 @@ def open_bundle(directory: str | Path) -> Bundle:
     """Read and validate a bundle's manifest (without hashing artifacts)."""
     d = Path(directory)
     path = d / MANIFEST
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{d}: is a file, not a bundle folder; pass the folder `medgemma-edge convert` wrote")
     if not d.is_dir():
         raise UserError(f"{d}: bundle folder not found; create one with `medgemma-edge convert CHECKPOINT -o {d}`")
     if not path.is_file():
@@ -132,7 +134,22 @@ def open_bundle(directory: str | Path) -> Bundle:
         )
     if not isinstance(manifest.get("artifacts"), list) or not isinstance(manifest.get("config"), dict):
         raise UserError(f"{path}: manifest lacks artifacts or config; re-run `medgemma-edge convert`")
+    _check_config(manifest["config"], path)
     return Bundle(d, manifest)
+
+
+# What the runtime reads from the manifest's config summary, and the type each must have.
+_CONFIG_KEYS = {("tokens_per_image",): int, ("text", "hidden_size"): int, ("text", "vocab_size"): int,
+                ("vision", "image_size"): int, ("eos_token_ids",): list}
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    for keys, kind in _CONFIG_KEYS.items():
+        value: Any = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{path}: config.{'.'.join(keys)} is missing or invalid; re-run `medgemma-edge convert`")
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

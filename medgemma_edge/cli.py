@@ -10,6 +10,7 @@ import click
 
 from medgemma_edge.errors import UserError
 from medgemma_edge.pipeline import NOTICE
+from medgemma_edge.preprocess import check_image_path
 
 log = logging.getLogger("medgemma_edge")
 
@@ -61,6 +62,8 @@ def run(prompt: str, bundle_dir: Path | None, decoder_gguf: Path | None, images:
 
     if (bundle_dir is None) == (decoder_gguf is None):
         raise UserError("pass exactly one of --bundle BUNDLE_DIR or --decoder-gguf FILE")
+    for image in images:  # fail in milliseconds, not after hashing gigabytes of artifacts
+        check_image_path(image)
     if decoder_gguf is not None:
         pipe = load_decoder_gguf(decoder_gguf, n_ctx=n_ctx, n_threads=threads)
     else:
@@ -154,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors: one line too, not click's usage block
+        hint = f"; see `{exc.ctx.command_path} --help`" if getattr(exc, "ctx", None) else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if log.isEnabledFor(logging.DEBUG):

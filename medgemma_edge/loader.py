@@ -73,7 +73,7 @@ def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None
     }
     log.info("loaded %s (decoder %s, encoder %s) in %.2fs", bundle.dir, dec_a.id, info["encoder"], info["load_s"])
     return Pipeline(dec, enc, image_size=int(cfg["vision"]["image_size"]), tokens_per_image=tpi,
-                    eos_ids=cfg.get("eos_token_ids", [1, 106]), info=info, detokenizer=dec.detokenizer)
+                    eos_ids=cfg["eos_token_ids"], info=info, detokenizer=dec.detokenizer)
 
 
 def load_decoder_gguf(path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None) -> Pipeline:

@@ -20,13 +20,19 @@ log = logging.getLogger(__name__)
 ImageInput = Union[str, Path, Image.Image]
 
 
+def check_image_path(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not an image file; pass one image file per --image")
+    if not path.is_file():
+        raise UserError(f"{path}: image file not found; check the path")
+
+
 def load_image(image: ImageInput) -> Image.Image:
     """Open an image file (or pass a PIL image through) with a one-line error on bad input."""
     if isinstance(image, Image.Image):
         return image
     path = Path(image)
-    if not path.is_file():
-        raise UserError(f"{path}: image file not found; check the path")
+    check_image_path(path)
     try:
         img = Image.open(path)
         img.load()

@@ -28,7 +28,7 @@ def tiny_bundle(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def reference(tiny_ckpt: Path):
-    from reference import Reference
+    from convert.reference import Reference
 
     return Reference(tiny_ckpt)
 

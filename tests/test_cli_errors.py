@@ -22,11 +22,16 @@ TIMEOUT_S = 300
 TIMINGS = ("load_s", "image_encode_ms", "prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s")
 
 
-def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `medgemma-edge ARGS` as a user would (installed console script, own process, captured output)."""
+def cli_command(*args: str | Path) -> list[str]:
+    """The argv a user types; fails loudly (never skips) when the console script is not installed."""
     if not CLI.is_file():
         pytest.fail(f"console script {CLI} is missing: install the package (pip install -e .) into this venv")
-    return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=TIMEOUT_S)
+    return [str(CLI), *map(str, args)]
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `medgemma-edge ARGS` as a user would (installed console script, own process, captured output)."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=cwd, timeout=TIMEOUT_S)
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess[str], *mentions: str | Path) -> str:
@@ -181,13 +186,11 @@ def test_synth_into_non_empty_folder(tmp_path: Path) -> None:
     assert_no_partials(out)
 
 
-# -- known violations of the rule (strict: they fail loudly once fixed, so the marker gets removed) --
-@pytest.mark.xfail(strict=True, reason="cli.main lets click print its 3-line usage block ('Error:', not 'error:')")
+# -- usage errors, outputs that are files, manifests with a broken config -----------------------------
 def test_usage_error_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("run", "--bundle", tmp_path, "--max-new-tokens", "0", "Hello"), "--max-new-tokens")
 
 
-@pytest.mark.xfail(strict=True, reason="out.iterdir() on a file: NotADirectoryError becomes 'internal error'")
 @pytest.mark.parametrize("command", ["convert", "synth"])
 def test_output_that_is_a_file(command: str, tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -196,7 +199,6 @@ def test_output_that_is_a_file(command: str, tiny_ckpt: Path, tmp_path: Path) ->
     assert_one_line_error(run_cli(*args), out)
 
 
-@pytest.mark.xfail(strict=True, reason="loader.load indexes manifest config keys unchecked: KeyError -> 'internal error'")
 def test_manifest_config_missing_keys(tiny_bundle: Path, tmp_path: Path) -> None:
     folder = tmp_path / "bundle"
     folder.mkdir()

@@ -173,7 +173,7 @@ def test_refuses_config_llama_cpp_cannot_run(tiny_ckpt: Path, tmp_path: Path) ->
 def test_other_shapes_convert_and_match(tmp_path: Path, xray_png: Path) -> None:
     """Another layer count, head size, window pattern, image size, patch size and tokens per image."""
     import medgemma_edge
-    from reference import Reference, parity
+    from convert.reference import Reference, parity
 
     ckpt = synthesize(tmp_path / "ckpt", size="tiny", seed=3, num_hidden_layers=4, sliding_window_pattern=2,
                       head_dim=32, num_attention_heads=8, num_key_value_heads=8, image_size=56, patch_size=14,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import medgemma_edge
-from reference import parity, top2_margin
+from convert.reference import parity, top2_margin
 
 PROMPT, SYSTEM = "Describe this X-ray", "You are an expert radiologist."
 # precision -> (max mean KL, min top-1 agreement)

@@ -1,4 +1,7 @@
-"""The transformers fp32 reference that every artifact is measured against, and the parity metrics."""
+"""The transformers fp32 reference that every artifact is measured against, and the parity metrics.
+
+Used by the tests and by the parity report; needs the `convert` extra (torch, transformers).
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,28 @@
+# Two commands that work on a fresh machine: `make demo` and `make test`.
+# Both bootstrap .venv: torch first (the local CPU wheel, so nothing pulls a multi-GB CUDA build),
+# then this project with its extras. llama-cpp-python compiles from source the first time (~18 min
+# on 2 cores); pip's wheel cache makes every later install fast.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --progress-bar off torch==2.13.0
+	$(BIN)/pip install --progress-bar off -e '.[convert,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medgemma-edge demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
