@@ -7,6 +7,7 @@ ref: the Gemma 3 chat template (tokenizer_config.json) and Gemma3Processor, whic
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -16,7 +17,7 @@ IMAGE_TOKEN_ID = 262144
 
 @dataclass(frozen=True)
 class ImageSlot:
-    index: int  # which of the turn's images fills this span
+    index: int  # which image of the conversation (counting from the first turn) fills this span
 
 
 Part = Union[str, ImageSlot]
@@ -29,19 +30,26 @@ class Turn:
     n_images: int = 0
 
 
-def render_turn(turn: Turn, system: str | None = None) -> list[Part]:
-    """One turn as text parts and image slots; text first, then images, as the model card shows."""
-    prefix = f"{system}\n\n" if system else ""  # the template does not trim the system text
-    parts: list[Part] = [f"<start_of_turn>{turn.role}\n{prefix}{turn.text.strip()}"]
-    for i in range(turn.n_images):
-        parts[-1] += "\n\n<start_of_image>"  # type: ignore[operator]
-        parts += [ImageSlot(i), "<end_of_image>\n\n"]
-    parts[-1] += "<end_of_turn>\n"  # type: ignore[operator]
+def render_conversation(turns: Sequence[Turn], system: str | None = None) -> list[Part]:
+    """The whole conversation plus the generation prompt (`<start_of_turn>model\n`).
+
+    Text comes first in a user turn, then its images, as the model card's examples do; the
+    template trims each message but not the system text, which prefixes the first user turn.
+    """
+    parts: list[Part] = [""]
+    n_seen = 0
+    for i, turn in enumerate(turns):
+        prefix = f"{system}\n\n" if system and i == 0 else ""
+        parts[-1] += f"<start_of_turn>{turn.role}\n{prefix}{turn.text.strip()}"  # type: ignore[operator]
+        for _ in range(turn.n_images):
+            parts[-1] += "\n\n<start_of_image>"  # type: ignore[operator]
+            parts += [ImageSlot(n_seen), "<end_of_image>\n\n"]
+            n_seen += 1
+        parts[-1] += "<end_of_turn>\n"  # type: ignore[operator]
+    parts[-1] += "<start_of_turn>model\n"  # type: ignore[operator]
     return parts
 
 
 def render_prompt(prompt: str, n_images: int = 0, system: str | None = None) -> list[Part]:
-    """A single user turn followed by the generation prompt (`<start_of_turn>model\n`)."""
-    parts = render_turn(Turn("user", prompt, n_images), system)
-    parts[-1] += "<start_of_turn>model\n"  # type: ignore[operator]
-    return parts
+    """A single user turn followed by the generation prompt."""
+    return render_conversation([Turn("user", prompt, n_images)], system)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 import click
 
 from medgemma_edge.errors import UserError
@@ -30,27 +32,74 @@ def cli(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _options(*decorators: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Apply a group of click options in the order they are listed (shared by `run` and `chat`)."""
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+model_options = _options(
+    click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), help="Bundle folder from `convert`."),
+    click.option("--encoder", default=None, help="Encoder artifact, e.g. gguf:f16 (default: best in bundle)."),
+    click.option("--decoder", default=None, help="Decoder artifact, e.g. gguf:q4_k_m (default: best in bundle)."),
+    click.option("--system", default=None, help="System instruction, e.g. 'You are an expert radiologist.'"),
+    click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(64), help="Context length in tokens."),
+    click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: llama.cpp's choice)."),
+    click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifacts against the manifest (logged)."),
+    click.option("--memory-limit", type=click.FloatRange(0.0), default=None, help="GiB this may use (default: what is available)."),
+    click.option("--force", is_flag=True, help="Load even if the memory estimate exceeds the limit."),
+    click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1, 8192)),
+    click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0 = greedy."),
+    click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0)),
+    click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off."),
+    click.option("--seed", default=None, type=int, help="Sampling seed (reproducible answers)."),
+    click.option("--audit-log", type=click.Path(path_type=Path), default=None,
+                 help="Append one JSON line per answer: hashes, artifact ids, token counts, timings; no text, no pixels."),
+    click.option("--audit-include-text", is_flag=True, help="Also write prompt and answer text to the audit log."),
+)
+
+
+def _sampling(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: kw[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+
+
+def _load_bundle(kw: dict[str, Any], with_images: bool) -> Any:
+    from medgemma_edge.loader import load
+
+    if kw["bundle_dir"] is None:
+        raise UserError("pass --bundle BUNDLE_DIR (a folder written by `medgemma-edge convert`)")
+    limit = None if kw["memory_limit"] is None else int(kw["memory_limit"] * 2**30)
+    return load(kw["bundle_dir"], encoder=kw["encoder"], decoder=kw["decoder"], n_ctx=kw["n_ctx"],
+                n_threads=kw["threads"], verify=not kw["no_verify"], text_only=not with_images,
+                force=kw["force"], memory_limit=limit)
+
+
+def _audit(kw: dict[str, Any]) -> Any:
+    from medgemma_edge.audit import AuditLog
+
+    return AuditLog(kw["audit_log"], kw["audit_include_text"]) if kw["audit_log"] else None
+
+
+def _stream(gen: Any, echo: bool) -> Any:
+    for piece in gen:
+        if echo:
+            click.echo(piece, nl=False)
+    if echo:
+        click.echo()
+    return gen.result
+
+
 @cli.command(epilog=EPILOG)
 @click.argument("prompt")
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), help="Bundle folder from `convert`.")
-@click.option("--decoder-gguf", type=click.Path(path_type=Path), help="Text-only: any Gemma 3 decoder GGUF instead of a bundle.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable); shown after the prompt.")
-@click.option("--encoder", default=None, help="Encoder artifact, e.g. gguf:f16 (default: best in bundle).")
-@click.option("--decoder", default=None, help="Decoder artifact, e.g. gguf:q4_k_m (default: best in bundle).")
-@click.option("--system", default=None, help="System instruction, e.g. 'You are an expert radiologist.'")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1, 8192))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off.")
-@click.option("--seed", default=None, type=int, help="Sampling seed (reproducible answers).")
+@click.option("--decoder-gguf", type=click.Path(path_type=Path), help="Text-only: any Gemma 3 decoder GGUF instead of a bundle.")
 @click.option("--raw", is_flag=True, help="No chat template: continue PROMPT as plain text (for base, non-instruction models).")
-@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(64), help="Context length in tokens.")
-@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: llama.cpp's choice).")
-@click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifacts against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token counts, timings) instead of streaming.")
-def run(prompt: str, bundle_dir: Path | None, decoder_gguf: Path | None, images: tuple[Path, ...], encoder: str | None,
-        decoder: str | None, system: str | None, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-        seed: int | None, raw: bool, n_ctx: int, threads: int | None, no_verify: bool, as_json: bool) -> None:
+@model_options
+def run(prompt: str, images: tuple[Path, ...], decoder_gguf: Path | None, raw: bool, as_json: bool, **kw: Any) -> None:
     """Answer PROMPT about zero or more images, streaming tokens to stdout.
 
     \b
@@ -58,29 +107,74 @@ def run(prompt: str, bundle_dir: Path | None, decoder_gguf: Path | None, images:
       medgemma-edge run --bundle B --image cxr.png "Describe this X-ray"
       medgemma-edge run --decoder-gguf gemma-3-270m.gguf --raw "The capital of France is"
     """
-    from medgemma_edge.loader import load, load_decoder_gguf
+    from medgemma_edge.loader import load_decoder_gguf
 
-    if (bundle_dir is None) == (decoder_gguf is None):
-        raise UserError("pass exactly one of --bundle BUNDLE_DIR or --decoder-gguf FILE")
+    if kw["bundle_dir"] is not None and decoder_gguf is not None:
+        raise UserError("pass either --bundle BUNDLE_DIR or --decoder-gguf FILE, not both")
     for image in images:  # fail in milliseconds, not after hashing gigabytes of artifacts
         check_image_path(image)
+    audit = _audit(kw)
     if decoder_gguf is not None:
-        pipe = load_decoder_gguf(decoder_gguf, n_ctx=n_ctx, n_threads=threads)
+        pipe = load_decoder_gguf(decoder_gguf, n_ctx=kw["n_ctx"], n_threads=kw["threads"])
     else:
-        pipe = load(bundle_dir, encoder=encoder, decoder=decoder, n_ctx=n_ctx, n_threads=threads,  # type: ignore[arg-type]
-                    verify=not no_verify, text_only=not images)
-    gen = pipe.generate(prompt, images=list(images), system=system, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stream=True, raw=raw)
-    for piece in gen:  # type: ignore[union-attr]
-        if not as_json:
-            click.echo(piece, nl=False)
-    result = gen.result  # type: ignore[union-attr]
+        pipe = _load_bundle(kw, with_images=bool(images))
+    gen = pipe.generate(prompt, images=list(images), system=kw["system"], stream=True, raw=raw, **_sampling(kw))
+    result = _stream(gen, echo=not as_json)
+    if audit:
+        audit.record("run", pipe.info, prompt, kw["system"], images, result)
     if as_json:
         click.echo(json.dumps(result.to_json(pipe.info), indent=2))
-    else:
-        click.echo()
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image(s) for the first question.")
+@model_options
+def chat(images: tuple[Path, ...], **kw: Any) -> None:
+    """Ask several questions about the same images; follow-ups re-encode nothing.
+
+    \b
+    Type a question and press Enter. Commands:
+      /image PATH   attach an image to the next question
+      /reset        start a new conversation (encoded images stay cached)
+      /quit or EOF  leave
+    """
+    for image in images:
+        check_image_path(image)
+    audit = _audit(kw)
+    pipe = _load_bundle(kw, with_images=True)
+    session = pipe.chat(system=kw["system"])
+    pending: list[Path] = list(images)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/image"):
+            path = Path(text[len("/image"):].strip())
+            try:
+                check_image_path(path)
+            except UserError as exc:  # a typo must not end the consultation
+                click.echo(f"error: {exc}", err=True)
+                continue
+            pending.append(path)
+            click.echo(f"[image {path.name} attached to the next question]", err=True)
+            continue
+        if text == "/reset":
+            session.reset()
+            click.echo("[new conversation]", err=True)
+            continue
+        result = _stream(session.ask(text, images=pending, stream=True, **_sampling(kw)), echo=True)
+        if audit:
+            audit.record("chat", pipe.info, text, kw["system"], pending, result)
+        pending = []
         t = result.timings
-        log.info("ttft %.0f ms, decode %.1f tok/s", t["time_to_first_token_ms"], t["decode_tokens_per_s"])
+        log.info("ttft %.0f ms (%d tokens reused), decode %.1f tok/s", t["time_to_first_token_ms"],
+                 result.reused_tokens, t["decode_tokens_per_s"])
 
 
 @cli.command(epilog=EPILOG)

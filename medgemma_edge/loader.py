@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medgemma_edge import memory
 from medgemma_edge.bundle import Artifact, Bundle, open_bundle
 from medgemma_edge.chat import IMAGE_TOKEN_ID
 from medgemma_edge.decoder_llama import LlamaDecoder
@@ -42,8 +43,12 @@ def _check_hub_id(bundle_dir: str | Path) -> None:
 
 
 def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None = None, *, n_ctx: int = 4096,
-         n_threads: int | None = None, verify: bool = True, text_only: bool = False) -> Pipeline:
-    """Compose the named encoder and decoder artifacts of a bundle (`gguf:f16`, `gguf:q4_k_m`, ...)."""
+         n_threads: int | None = None, verify: bool = True, text_only: bool = False, force: bool = False,
+         memory_limit: int | None = None) -> Pipeline:
+    """Compose the named encoder and decoder artifacts of a bundle (`gguf:f16`, `gguf:q4_k_m`, ...).
+
+    Refuses (unless `force`) when the estimated memory exceeds what is available, or `memory_limit` bytes.
+    """
     t0 = time.perf_counter()
     _check_hub_id(bundle_dir)
     bundle = open_bundle(bundle_dir)
@@ -60,6 +65,9 @@ def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None
             raise UserError(f"{bundle.dir}: {a.kind} {a.id} needs the ONNX Runtime backend, not available in this version")
     tpi = int(cfg["tokens_per_image"])
     n_batch = max(512, tpi)
+    kv_bytes = 4 if dec_a.precision == "f32" else 2
+    need = memory.estimate(cfg, sum(a.size for a in chosen), n_ctx, n_batch, kv_bytes, enc_a is not None)
+    memory.preflight(need, memory_limit, force, str(bundle.dir))
     dec = LlamaDecoder(bundle.path(dec_a), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                        kv_f32=dec_a.precision == "f32")
     if dec.n_embd != cfg["text"]["hidden_size"] or dec.n_vocab != cfg["text"]["vocab_size"]:
@@ -69,6 +77,7 @@ def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None
     info: dict[str, Any] = {
         "bundle": str(bundle.dir), "bundle_id": bundle.manifest_sha256,
         "decoder": dec_a.id, "encoder": enc_a.id if enc_a else None,
+        "decoder_sha256": dec_a.sha256, "encoder_sha256": enc_a.sha256 if enc_a else None,
         "load_s": time.perf_counter() - t0,
     }
     log.info("loaded %s (decoder %s, encoder %s) in %.2fs", bundle.dir, dec_a.id, info["encoder"], info["load_s"])

@@ -1,17 +1,23 @@
-"""The composed pipeline: image encoder + decoder, meeting only through embeddings."""
+"""The composed pipeline: image encoder + decoder, meeting only through embeddings.
+
+Two caches make follow-up questions cheap: image embeddings keyed by pixel content + encoder
+artifact, and the decoder's KV cache, reused up to the longest prefix the new prompt shares with
+what was already evaluated.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 import numpy as np
 
+from medgemma_edge.chat import BOS_ID, IMAGE_TOKEN_ID, Part, render_prompt
 from medgemma_edge.errors import UserError
-from medgemma_edge.chat import BOS_ID, IMAGE_TOKEN_ID, ImageSlot, Part, render_prompt
 from medgemma_edge.preprocess import ImageInput, resize_square
 from medgemma_edge.sampling import sample
 
@@ -30,8 +36,26 @@ class Decoder(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
     def reset(self) -> None: ...
+    def truncate(self, n_keep: int) -> None: ...
     def eval_tokens(self, tokens: list[int], all_logits: bool = False) -> np.ndarray: ...
     def eval_embeddings(self, embd: np.ndarray, all_logits: bool = False) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSpan:
+    """An image's embeddings [tokens, hidden] in a prompt; two spans are the same image if keys match."""
+
+    key: str
+    embeddings: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageSpan) and other.key == self.key
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+
+Atom = Union[int, ImageSpan]  # one token id, or one whole image span (never split)
 
 
 @dataclass
@@ -42,11 +66,13 @@ class GenerationResult:
     image_tokens: int
     stop_reason: str  # "eos" | "length"
     timings: dict[str, float] = field(default_factory=dict)
+    reused_tokens: int = 0  # prompt positions served from the KV cache
 
     def to_json(self, info: dict[str, Any]) -> dict[str, Any]:
         return {
             "text": self.text, "notice": NOTICE, "stop_reason": self.stop_reason,
-            "tokens": {"prompt": self.prompt_tokens, "image": self.image_tokens, "generated": len(self.token_ids)},
+            "tokens": {"prompt": self.prompt_tokens, "image": self.image_tokens, "generated": len(self.token_ids),
+                       "reused": self.reused_tokens},
             "timings": self.timings, **info,
         }
 
@@ -62,6 +88,10 @@ class Generation:
         self.result = yield from self._pieces
 
 
+def _positions(atoms: Sequence[Atom]) -> int:
+    return sum(len(a) if isinstance(a, ImageSpan) else 1 for a in atoms)
+
+
 class Pipeline:
     def __init__(self, decoder: Decoder, encoder: ImageEncoder | None, *, image_size: int, tokens_per_image: int,
                  eos_ids: Sequence[int], info: dict[str, Any], detokenizer: Any) -> None:
@@ -71,45 +101,67 @@ class Pipeline:
         self.tokens_per_image = tokens_per_image
         self.eos_ids = frozenset(eos_ids)
         self.info = info  # bundle, artifact ids, load time: reported with every result
+        self.encoder_calls = 0
         self._detokenizer = detokenizer
+        self._image_cache: dict[str, ImageSpan] = {}
+        self._kv: list[Atom] = []  # what the decoder's KV cache holds, in order
 
     # -- images -------------------------------------------------------------------------------
-    def encode_images(self, images: Sequence[ImageInput]) -> list[np.ndarray]:
+    def encode_images(self, images: Sequence[ImageInput]) -> list[ImageSpan]:
+        """Embeddings per image, from the cache when this encoder has seen these pixels before."""
         if images and self.encoder is None:
             raise UserError("this pipeline has no image encoder (text-only decoder); drop --image or load a bundle")
-        out = []
+        spans = []
         for image in images:
-            emb = self.encoder.encode(resize_square(image, self.image_size))  # type: ignore[union-attr]
-            if emb.shape[0] != self.tokens_per_image:
-                raise UserError(f"the encoder produced {emb.shape[0]} tokens per image but the chat template expects "
-                           f"{self.tokens_per_image}: encoder and decoder belong to different models")
-            out.append(emb)
-        return out
+            pixels = resize_square(image, self.image_size)
+            key = hashlib.sha256(pixels.tobytes()).hexdigest() + "|" + str(self.info.get("encoder"))
+            if key not in self._image_cache:
+                emb = self.encoder.encode(pixels)  # type: ignore[union-attr]
+                self.encoder_calls += 1
+                if emb.shape[0] != self.tokens_per_image:
+                    raise UserError(f"the encoder produced {emb.shape[0]} tokens per image but the chat template "
+                                    f"expects {self.tokens_per_image}: encoder and decoder belong to different models")
+                self._image_cache[key] = ImageSpan(key, emb)
+            spans.append(self._image_cache[key])
+        return spans
 
     # -- prefill ------------------------------------------------------------------------------
-    def _prefill(self, parts: list[Part], embeds: list[np.ndarray], all_logits: bool) -> tuple[list[int], np.ndarray]:
-        """Run the whole templated prompt; returns the ids (image positions = 262144) and logits."""
-        dec = self.decoder
-        dec.reset()
-        ids: list[int] = [BOS_ID]
-        pending: list[int] = [BOS_ID]
-        outs: list[np.ndarray] = []
+    def _atoms(self, parts: list[Part], spans: list[ImageSpan]) -> list[Atom]:
+        atoms: list[Atom] = [BOS_ID]
         for part in parts:
-            if isinstance(part, str):
-                toks = dec.tokenize(part)
-                ids += toks
-                pending += toks
+            atoms += self.decoder.tokenize(part) if isinstance(part, str) else [spans[part.index]]
+        return atoms
+
+    def _eval(self, atoms: Sequence[Atom], all_logits: bool) -> np.ndarray:
+        """Evaluate atoms after what the KV cache holds: token runs causally, image spans bidirectionally."""
+        outs: list[np.ndarray] = []
+        run: list[int] = []
+        for atom in [*atoms, None]:
+            if isinstance(atom, int):
+                run.append(atom)
                 continue
-            if pending:
-                outs.append(dec.eval_tokens(pending, all_logits))
-                pending = []
-            emb = embeds[part.index]
-            ids += [IMAGE_TOKEN_ID] * emb.shape[0]
-            outs.append(dec.eval_embeddings(emb, all_logits))
-        if pending:
-            outs.append(dec.eval_tokens(pending, all_logits))
-        logits = np.concatenate([o for o in outs if len(o)])
-        return ids, logits
+            if run:
+                outs.append(self.decoder.eval_tokens(run, all_logits))
+                run = []
+            if isinstance(atom, ImageSpan):
+                outs.append(self.decoder.eval_embeddings(atom.embeddings, all_logits))
+        self._kv += list(atoms)
+        return np.concatenate([o for o in outs if len(o)])
+
+    def _sync(self, atoms: list[Atom]) -> tuple[np.ndarray, int]:
+        """Bring the KV cache to `atoms`, reusing the longest shared prefix; returns last logits and reuse."""
+        keep = 0
+        for old, new in zip(self._kv, atoms[:-1]):  # the last atom is always evaluated: we need its logits
+            if old != new:
+                break
+            keep += 1
+        self.decoder.truncate(_positions(atoms[:keep]))
+        self._kv = self._kv[:keep]
+        return self._eval(atoms[keep:], all_logits=False), _positions(atoms[:keep])
+
+    @staticmethod
+    def _ids(atoms: Sequence[Atom]) -> list[int]:
+        return [i for a in atoms for i in ([IMAGE_TOKEN_ID] * len(a) if isinstance(a, ImageSpan) else [a])]
 
     def _parts(self, prompt: str, n_images: int, system: str | None, raw: bool) -> list[Part]:
         if not raw:
@@ -120,10 +172,15 @@ class Pipeline:
 
     def prompt_logits(self, prompt: str, images: Sequence[ImageInput] = (), system: str | None = None,
                       raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Logits at every position of the chat-templated prompt: ids [n], logits [n, vocab] float32."""
-        embeds = self.encode_images(images)
-        ids, logits = self._prefill(self._parts(prompt, len(images), system, raw), embeds, all_logits=True)
-        return np.asarray(ids, dtype=np.int64), logits.astype(np.float32, copy=False)
+        """Logits at every position of the chat-templated prompt: ids [n], logits [n, vocab] float32.
+
+        `ids` holds 262144 (`<image_soft_token>`) at each position an image embedding filled.
+        """
+        atoms = self._atoms(self._parts(prompt, len(images), system, raw), self.encode_images(images))
+        self.decoder.reset()
+        self._kv = []
+        logits = self._eval(atoms, all_logits=True)
+        return np.asarray(self._ids(atoms), dtype=np.int64), logits.astype(np.float32, copy=False)
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str, images: Sequence[ImageInput] = (), system: str | None = None,
@@ -134,7 +191,13 @@ class Pipeline:
         `stream=True` returns a Generation to iterate for text pieces; its `.result` is set at the end.
         """
         parts = self._parts(prompt, len(images), system, raw)
-        gen = Generation(self._generate(parts, list(images), max_new_tokens, temperature, top_p, top_k, seed))
+        return self.run(parts, list(images), max_new_tokens, temperature, top_p, top_k, seed, stream)
+
+    def run(self, parts: list[Part], images: list[ImageInput], max_new_tokens: int = 256, temperature: float = 0.0,
+            top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stream: bool = False
+            ) -> GenerationResult | Generation:
+        """Generate after an already rendered prompt (a chat session renders whole conversations)."""
+        gen = Generation(self._generate(parts, images, max_new_tokens, temperature, top_p, top_k, seed))
         if stream:
             return gen
         for _ in gen:
@@ -142,12 +205,18 @@ class Pipeline:
         assert gen.result is not None
         return gen.result
 
+    def chat(self, system: str | None = None) -> "ChatSession":
+        from medgemma_edge.session import ChatSession
+
+        return ChatSession(self, system)
+
     def _generate(self, parts: list[Part], images: list[ImageInput], max_new_tokens: int, temperature: float,
                   top_p: float, top_k: int, seed: int | None) -> Iterator[str]:
         t0 = time.perf_counter()
-        embeds = self.encode_images(images)
+        spans = self.encode_images(images)
         t_enc = time.perf_counter()
-        ids, logits = self._prefill(parts, embeds, all_logits=False)
+        atoms = self._atoms(parts, spans)
+        logits, reused = self._sync(atoms)
         t_prefill = time.perf_counter()
         rng = np.random.default_rng(seed)
         detok = self._detokenizer()
@@ -164,25 +233,23 @@ class Pipeline:
                 stop = "eos"
                 break
             out.append(tok)
-            piece = detok.push(tok)
-            if piece:
+            if piece := detok.push(tok):
                 text.append(piece)
                 yield piece
             if step + 1 < max_new_tokens:
-                row = self.decoder.eval_tokens([tok])[-1]
-        tail = detok.flush()
-        if tail:
+                row = self._eval([tok], all_logits=False)[-1]
+        if tail := detok.flush():
             text.append(tail)
             yield tail
         t_end = time.perf_counter()
-        n_img = sum(e.shape[0] for e in embeds)
-        decode_s = t_end - t_first
+        n_prompt, decode_s = _positions(atoms), t_end - t_first
         timings = {
             "load_s": self.info.get("load_s", 0.0),
             "image_encode_ms": (t_enc - t0) * 1e3,
             "prefill_ms": (t_prefill - t_enc) * 1e3,
-            "prefill_tokens_per_s": len(ids) / max(t_prefill - t_enc, 1e-9),
+            "prefill_tokens_per_s": (n_prompt - reused) / max(t_prefill - t_enc, 1e-9),
             "time_to_first_token_ms": (t_first - t0) * 1e3,
             "decode_tokens_per_s": (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
         }
-        return GenerationResult("".join(text), out, len(ids), n_img, stop, timings)  # type: ignore[return-value]
+        n_img = sum(len(s) for s in spans)
+        return GenerationResult("".join(text), out, n_prompt, n_img, stop, timings, reused)  # type: ignore[return-value]
