@@ -22,6 +22,8 @@ from tqdm import tqdm
 from convert.checkpoint import Checkpoint
 from convert.gguf_decoder import DECODER_PRECISIONS, quantize_decoder, write_decoder_f32
 from convert.gguf_mmproj import MMPROJ_PRECISIONS, write_mmproj
+from convert.onnx_decoder import ONNX_DECODER_PRECISIONS, write_onnx_decoder
+from convert.onnx_vision import ONNX_VISION_PRECISIONS, write_onnx_vision
 from convert.spec import load_spec
 from medgemma_edge import __version__
 from medgemma_edge.bundle import FORMAT, FORMAT_VERSION, Artifact, Bundle, open_bundle, sha256_file, write_manifest
@@ -64,12 +66,23 @@ def _alive(pid: int) -> bool:
 
 
 def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str],
-                       overwrite: bool = False, progress: bool = True) -> Bundle:
+                       overwrite: bool = False, progress: bool = True, onnx_vision: list[str] | None = None,
+                       onnx_decoder: list[str] | None = None, calibration_images: Path | None = None) -> Bundle:
     src, out = Path(checkpoint_dir), Path(out_dir)
-    gguf = _check_precisions(gguf, DECODER_PRECISIONS, "--gguf")
-    mmproj = _check_precisions(mmproj, MMPROJ_PRECISIONS, "--mmproj")
-    if not gguf and not mmproj:
-        raise UserError("nothing to convert: pass at least one --gguf or --mmproj precision")
+    plan = {
+        "gguf": _check_precisions(gguf, DECODER_PRECISIONS, "--gguf"),
+        "mmproj": _check_precisions(mmproj, MMPROJ_PRECISIONS, "--mmproj"),
+        "onnx_vision": _check_precisions(onnx_vision or [], ONNX_VISION_PRECISIONS, "--onnx-vision"),
+        "onnx_decoder": _check_precisions(onnx_decoder or [], ONNX_DECODER_PRECISIONS, "--onnx-decoder"),
+    }
+    if not any(plan.values()):
+        raise UserError("nothing to convert: pass at least one --gguf, --mmproj, --onnx-vision or --onnx-decoder precision")
+    if (plan["onnx_decoder"] or plan["mmproj"]) and not plan["gguf"]:
+        # the GGUF decoder carries the vocabulary every backend tokenizes with (and mtmd needs)
+        raise UserError("--onnx-decoder and --mmproj need at least one --gguf precision in the same bundle "
+                        "(it holds the tokenizer); add e.g. --gguf q4_k_m")
+    if calibration_images is not None and not Path(calibration_images).is_dir():
+        raise UserError(f"{calibration_images}: calibration image folder not found; pass a folder of PNG/JPEG/DICOM files")
     if not src.is_dir():
         raise UserError(f"{src}: checkpoint folder not found; pass a local Hugging Face checkpoint folder")
     if out.exists() and not out.is_dir():
@@ -85,7 +98,7 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
-        artifacts = _write_artifacts(ckpt, spec, tmp, gguf, mmproj, progress)
+        artifacts = _write_artifacts(ckpt, spec, tmp, plan, calibration_images, progress)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -93,7 +106,7 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "converter": {
                 "name": "medgemma-edge", "version": __version__, "python": platform.python_version(),
-                "llama_cpp_python": version("llama-cpp-python"), "gguf": version("gguf"),
+                **{pkg.replace("-", "_"): version(pkg) for pkg in ("llama-cpp-python", "gguf", "onnx", "onnxruntime", "torch")},
             },
             "source": {"path": str(src.resolve()), "files": ckpt.file_hashes()},
             "config": spec.summary(),
@@ -119,9 +132,13 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
     return open_bundle(out)
 
 
-def _write_artifacts(ckpt: Checkpoint, spec: Any, tmp: Path, gguf: list[str], mmproj: list[str],
-                     progress: bool) -> list[Artifact]:
-    written: list[tuple[str, str, str, Path, dict[str, Any]]] = []
+Written = tuple[str, str, str, Path, dict[str, Any]]  # kind, format, precision, main file, recipe
+
+
+def _write_artifacts(ckpt: Checkpoint, spec: Any, tmp: Path, plan: dict[str, list[str]],
+                     calibration_images: Path | None, progress: bool) -> list[Artifact]:
+    written: list[Written] = []
+    gguf = plan["gguf"]
     if gguf:
         base = tmp / ("decoder-f32.gguf" if "f32" in gguf else ".decoder-f32.base.gguf")
         write_decoder_f32(ckpt, spec, base, progress)
@@ -134,15 +151,26 @@ def _write_artifacts(ckpt: Checkpoint, spec: Any, tmp: Path, gguf: list[str], mm
                                                          "llama_ftype": DECODER_PRECISIONS[p]}))
         if "f32" not in gguf:
             base.unlink()
-    for p in mmproj:
+    for p in plan["mmproj"]:
         path = tmp / f"mmproj-{p}.gguf"
         write_mmproj(ckpt, spec, path, p, progress)
         written.append(("encoder", "gguf", p, path, {
             "writer": "medgemma-edge gguf_mmproj",
             "policy": "embeddings and 1-D tensors F32; input projection F16 unless f32; rows not divisible by 32 F16",
         }))
-    return [
-        Artifact(kind=k, format=f, precision=p, file=path.name, size=path.stat().st_size,
-                 sha256=sha256_file(path), recipe=recipe)
-        for k, f, p, path, recipe in tqdm(written, desc="sha256", unit="file", disable=not progress)
-    ]
+    for p in tqdm(plan["onnx_vision"], desc="onnx vision", unit="artifact", disable=not progress or not plan["onnx_vision"]):
+        path = tmp / f"vision-{p}.onnx"
+        written.append(("encoder", "onnx", p, path, write_onnx_vision(ckpt, spec, path, p, calibration_images, progress)))
+    for p in tqdm(plan["onnx_decoder"], desc="onnx decoder", unit="artifact", disable=not progress or not plan["onnx_decoder"]):
+        path = tmp / f"decoder-{p}.onnx"
+        written.append(("decoder", "onnx", p, path, write_onnx_decoder(ckpt, spec, path, p)))
+    return [_hashed(tmp, w) for w in tqdm(written, desc="sha256", unit="artifact", disable=not progress)]
+
+
+def _hashed(tmp: Path, w: Written) -> Artifact:
+    kind, fmt, precision, path, recipe = w
+    # ONNX external weights live beside the graph as `<file>.data`; they belong to the same artifact
+    extra = [p for p in sorted(tmp.glob(path.name + ".*")) if p.is_file()]
+    return Artifact(kind=kind, format=fmt, precision=precision, file=path.name, size=path.stat().st_size,
+                    sha256=sha256_file(path), recipe=recipe,
+                    extra_files=tuple({"file": e.name, "size": e.stat().st_size, "sha256": sha256_file(e)} for e in extra))

@@ -40,17 +40,26 @@ class Artifact:
     size: int
     sha256: str
     recipe: dict[str, Any]
+    # files the main one needs beside it (ONNX external weights): {"file", "size", "sha256"} each
+    extra_files: tuple[dict[str, Any], ...] = ()
 
     @property
     def id(self) -> str:
         """What `load(encoder=..., decoder=...)` and the CLI call this artifact: `gguf:q4_k_m`."""
         return f"{self.format}:{self.precision}"
 
+    def files(self) -> list[tuple[str, int, str]]:
+        """(file, size, sha256) of every file this artifact consists of."""
+        return [(self.file, self.size, self.sha256)] + [(e["file"], e["size"], e["sha256"]) for e in self.extra_files]
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": self.kind, "format": self.format, "precision": self.precision, "file": self.file,
             "size": self.size, "sha256": self.sha256, "recipe": self.recipe,
         }
+        if self.extra_files:
+            out["extra_files"] = list(self.extra_files)
+        return out
 
 
 class Bundle:
@@ -83,15 +92,16 @@ class Bundle:
     def verify(self, artifacts: list[Artifact] | None = None) -> None:
         """Re-hash artifacts and refuse any whose size or sha256 differs from the manifest."""
         for a in artifacts if artifacts is not None else self.artifacts:
-            path = self.path(a)
-            if not path.is_file():
-                raise IntegrityError(f"{path}: listed in {MANIFEST} but missing; re-run `medgemma-edge convert`")
-            if path.stat().st_size != a.size or sha256_file(path) != a.sha256:
-                raise IntegrityError(
-                    f"{path}: sha256 does not match {MANIFEST} (the file was modified or truncated "
-                    f"after conversion); re-run `medgemma-edge convert` to rebuild it"
-                )
-            log.info("verified %s (%s)", a.file, a.sha256[:12])
+            for name, size, digest in a.files():
+                path = self.dir / name
+                if not path.is_file():
+                    raise IntegrityError(f"{path}: listed in {MANIFEST} but missing; re-run `medgemma-edge convert`")
+                if path.stat().st_size != size or sha256_file(path) != digest:
+                    raise IntegrityError(
+                        f"{path}: sha256 does not match {MANIFEST} (the file was modified or truncated "
+                        f"after conversion); re-run `medgemma-edge convert` to rebuild it"
+                    )
+                log.info("verified %s (%s)", name, digest[:12])
 
 
 def _artifact(entry: Any, directory: Path) -> Artifact:
@@ -100,10 +110,12 @@ def _artifact(entry: Any, directory: Path) -> Artifact:
             kind=str(entry["kind"]), format=str(entry["format"]), precision=str(entry["precision"]),
             file=str(entry["file"]), size=int(entry["size"]), sha256=str(entry["sha256"]),
             recipe=dict(entry.get("recipe") or {}),
+            extra_files=tuple({"file": str(e["file"]), "size": int(e["size"]), "sha256": str(e["sha256"])}
+                              for e in entry.get("extra_files") or ()),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # OverflowError: "size": Infinity
         raise UserError(f"{directory / MANIFEST}: malformed artifact entry ({exc!r}); re-run `medgemma-edge convert`") from exc
-    if a.kind not in KINDS or Path(a.file).name != a.file:
+    if a.kind not in KINDS or any(name in ("", ".", "..") or Path(name).name != name for name, _, _ in a.files()):
         raise UserError(f"{directory / MANIFEST}: invalid artifact entry {a.file!r}; re-run `medgemma-edge convert`")
     return a
 
@@ -123,7 +135,7 @@ def open_bundle(directory: str | Path) -> Bundle:
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise UserError(f"{path}: unreadable manifest ({exc}); re-run `medgemma-edge convert`") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a medgemma-edge manifest; re-run `medgemma-edge convert`")

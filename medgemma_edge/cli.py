@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from medgemma_edge.errors import UserError
+from medgemma_edge.onnx_session import provider_names
 from medgemma_edge.pipeline import NOTICE
 from medgemma_edge.preprocess import check_image_path
 
@@ -47,7 +48,8 @@ model_options = _options(
     click.option("--decoder", default=None, help="Decoder artifact, e.g. gguf:q4_k_m (default: best in bundle)."),
     click.option("--system", default=None, help="System instruction, e.g. 'You are an expert radiologist.'"),
     click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(64), help="Context length in tokens."),
-    click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: llama.cpp's choice)."),
+    click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: the backend's choice)."),
+    click.option("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu (default: CUDA if usable, else CPU)."),
     click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifacts against the manifest (logged)."),
     click.option("--memory-limit", type=click.FloatRange(0.0), default=None, help="GiB this may use (default: what is available)."),
     click.option("--force", is_flag=True, help="Load even if the memory estimate exceeds the limit."),
@@ -72,9 +74,10 @@ def _load_bundle(kw: dict[str, Any], with_images: bool) -> Any:
     if kw["bundle_dir"] is None:
         raise UserError("pass --bundle BUNDLE_DIR (a folder written by `medgemma-edge convert`)")
     limit = None if kw["memory_limit"] is None else int(kw["memory_limit"] * 2**30)
+    providers = provider_names(_csv(kw["providers"])) if kw["providers"] else None
     return load(kw["bundle_dir"], encoder=kw["encoder"], decoder=kw["decoder"], n_ctx=kw["n_ctx"],
                 n_threads=kw["threads"], verify=not kw["no_verify"], text_only=not with_images,
-                force=kw["force"], memory_limit=limit)
+                force=kw["force"], memory_limit=limit, providers=providers)
 
 
 def _audit(kw: dict[str, Any]) -> Any:
@@ -207,13 +210,20 @@ def info(bundle_dir: Path, no_verify: bool, as_json: bool) -> None:
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--gguf", default="f16,q4_k_m", show_default=True, help="Decoder precisions: f32,f16,bf16,q8_0,q4_0,q4_k_m.")
-@click.option("--mmproj", default="f16", show_default=True, help="Vision encoder precisions: f32,f16,q8_0.")
+@click.option("--mmproj", default="f16", show_default=True, help="llama.cpp vision encoder precisions: f32,f16,q8_0.")
+@click.option("--onnx-vision", default="", help="ONNX Runtime vision encoder precisions: fp32,fp16,int8.")
+@click.option("--onnx-decoder", default="", help="ONNX Runtime decoder precisions: fp32,int8,int4 (weight-only).")
+@click.option("--calibration-images", type=click.Path(path_type=Path), default=None,
+              help="Folder of PNG/JPEG/DICOM images: makes --onnx-vision int8 static (QDQ) instead of dynamic.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (atomically, only once the new one is complete).")
-def convert(checkpoint_dir: Path, out_dir: Path, gguf: str, mmproj: str, overwrite: bool) -> None:
-    """Convert a local MedGemma Hugging Face checkpoint into a bundle of GGUF artifacts."""
+def convert(checkpoint_dir: Path, out_dir: Path, gguf: str, mmproj: str, onnx_vision: str, onnx_decoder: str,
+            calibration_images: Path | None, overwrite: bool) -> None:
+    """Convert a local MedGemma Hugging Face checkpoint into a bundle (GGUF and ONNX artifacts)."""
     from medgemma_edge.convert_entry import convert_checkpoint
 
-    bundle = convert_checkpoint(checkpoint_dir, out_dir, _csv(gguf), _csv(mmproj), overwrite=overwrite)
+    bundle = convert_checkpoint(checkpoint_dir, out_dir, _csv(gguf), _csv(mmproj), overwrite=overwrite,
+                                onnx_vision=_csv(onnx_vision), onnx_decoder=_csv(onnx_decoder),
+                                calibration_images=calibration_images)
     click.echo(f"wrote {bundle.dir}: " + ", ".join(f"{a.kind} {a.id}" for a in bundle.artifacts))
 
 

@@ -30,11 +30,12 @@ def _require_convert_extra() -> None:
 
 
 def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str],
-                       overwrite: bool = False, progress: bool = True) -> Bundle:
+                       overwrite: bool = False, progress: bool = True, **onnx: Any) -> Bundle:
+    """See convert.bundle_writer.convert_checkpoint (onnx: onnx_vision, onnx_decoder, calibration_images)."""
     _require_convert_extra()
     from convert.bundle_writer import convert_checkpoint as _convert
 
-    return _convert(checkpoint_dir, out_dir, gguf, mmproj, overwrite=overwrite, progress=progress)
+    return _convert(checkpoint_dir, out_dir, gguf, mmproj, overwrite=overwrite, progress=progress, **onnx)
 
 
 def synthesize(out_dir: str | Path, size: str = "tiny", seed: int = 0, **overrides: Any) -> Path:

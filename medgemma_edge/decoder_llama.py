@@ -24,7 +24,7 @@ class LlamaDecoder:
     """A Gemma 3 GGUF decoder with one sequence (seq 0) of KV cache."""
 
     def __init__(self, path: Path, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
-                 kv_f32: bool = False, n_gpu_layers: int = 0) -> None:
+                 kv_f32: bool = False, n_gpu_layers: int = 0, vocab_only: bool = False) -> None:
         import llama_cpp
 
         quiet_llama()
@@ -36,6 +36,7 @@ class LlamaDecoder:
                             f"pass a decoder GGUF (an mmproj is an image encoder)")
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.vocab_only = vocab_only  # the tokenizer alone (for other backends): metadata, no weights
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
             raise UserError(f"{path}: llama.cpp could not load this GGUF (truncated, corrupt or not a decoder); "
@@ -44,6 +45,9 @@ class LlamaDecoder:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_batch = n_batch
+        self._ctx = self._batch = self._ebatch = None
+        if vocab_only:
+            return
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         # the image span must sit in one micro-batch to be decoded non-causally

@@ -34,8 +34,8 @@ class GgufHeader:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, path: Path) -> None:
-        self.f, self.path = f, path
+    def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
+        self.f, self.path, self.size = f, path, size
 
     def unpack(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -44,10 +44,12 @@ class _Reader:
             raise UserError(f"{self.path}: GGUF header is truncated; the file is incomplete, copy or convert it again")
         return struct.unpack(fmt, raw)[0]
 
-    def count(self) -> int:
+    def count(self, min_item_bytes: int = 1) -> int:
         n = self.unpack("<Q")
         if n > _MAX_COUNT:
             raise UserError(f"{self.path}: GGUF header is corrupt (count {n}); convert the model again")
+        if n * min_item_bytes > self.size - self.f.tell():  # never read (or allocate) past the end of the file
+            raise UserError(f"{self.path}: GGUF header is truncated; the file is incomplete, copy or convert it again")
         return n
 
     def string(self) -> str:
@@ -60,7 +62,10 @@ class _Reader:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            sub, n = self.unpack("<I"), self.count()
+            sub = self.unpack("<I")
+            if sub not in _SCALARS and sub != _STRING:  # nested arrays: llama.cpp refuses them, and no recursion
+                raise UserError(f"{self.path}: GGUF header has invalid array type {sub}; the file is corrupt")
+            n = self.count(struct.calcsize(_SCALARS[sub]) if sub in _SCALARS else 8)
             if sub in _SCALARS and n > 64:  # skip big numeric arrays (token scores, types) cheaply
                 self.f.seek(n * struct.calcsize(_SCALARS[sub]), 1)
                 return None
@@ -74,13 +79,13 @@ def read_gguf_header(path: Path) -> GgufHeader:
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
-            r = _Reader(f, path)
+            r = _Reader(f, path, size)
             if f.read(4) != b"GGUF":
                 raise UserError(f"{path}: not a GGUF file (bad magic); pass a .gguf produced by `medgemma-edge convert`")
             version = r.unpack("<I")
             if version not in (2, 3):
                 raise UserError(f"{path}: GGUF version {version} is not supported (expected 3)")
-            n_tensors, n_kv = r.count(), r.count()
+            n_tensors, n_kv = r.count(24), r.count(12)  # smallest tensor info / key-value pair in bytes
             meta: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = r.string()
@@ -88,14 +93,19 @@ def read_gguf_header(path: Path) -> GgufHeader:
             ends = []
             for _ in range(n_tensors):
                 r.string()
-                dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
+                n_dims = r.unpack("<I")
+                if n_dims > 4:  # GGML_MAX_DIMS, as llama.cpp checks
+                    raise UserError(f"{path}: GGUF tensor has {n_dims} dimensions (at most 4); the file is corrupt")
+                dims = [r.unpack("<Q") for _ in range(n_dims)]
                 ttype, offset = r.unpack("<I"), r.unpack("<Q")
                 block, nbytes = _TYPE_SIZES.get(ttype, (1, 0))
                 n = 1
                 for d in dims:
                     n *= d
                 ends.append(offset + n // block * nbytes)
-            align = int(meta.get("general.alignment", 32))
+            align = meta.get("general.alignment", 32)
+            if type(align) is not int or align <= 0 or align & (align - 1):  # as llama.cpp: a power of 2
+                raise UserError(f"{path}: GGUF general.alignment {align!r} is not a power of 2; the file is corrupt")
             data_start = -(-f.tell() // align) * align
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from exc

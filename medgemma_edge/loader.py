@@ -11,7 +11,9 @@ from medgemma_edge import memory
 from medgemma_edge.bundle import Artifact, Bundle, open_bundle
 from medgemma_edge.chat import IMAGE_TOKEN_ID
 from medgemma_edge.decoder_llama import LlamaDecoder
+from medgemma_edge.decoder_onnx import OnnxDecoder
 from medgemma_edge.encoder_mtmd import MtmdEncoder
+from medgemma_edge.encoder_onnx import OnnxEncoder
 from medgemma_edge.errors import UserError
 from medgemma_edge.pipeline import Pipeline
 
@@ -19,8 +21,9 @@ log = logging.getLogger(__name__)
 
 # When the caller names no artifact: smallest faithful first for the decoder, most faithful
 # affordable first for the encoder (vision is where quantization hurts most).
-DECODER_PREFERENCE = ("gguf:q4_k_m", "gguf:q8_0", "gguf:q4_0", "gguf:f16", "gguf:bf16", "gguf:f32")
-ENCODER_PREFERENCE = ("gguf:f16", "gguf:q8_0", "gguf:f32")
+DECODER_PREFERENCE = ("gguf:q4_k_m", "gguf:q8_0", "gguf:q4_0", "gguf:f16", "gguf:bf16", "gguf:f32",
+                      "onnx:int4", "onnx:int8", "onnx:fp32")
+ENCODER_PREFERENCE = ("gguf:f16", "onnx:int8", "gguf:q8_0", "onnx:fp16", "gguf:f32", "onnx:fp32")
 
 
 def _choose(bundle: Bundle, kind: str, asked: str | None, preference: tuple[str, ...]) -> Artifact:
@@ -42,12 +45,37 @@ def _check_hub_id(bundle_dir: str | Path) -> None:
         )
 
 
+def _vocab_gguf(bundle: Bundle) -> Path:
+    """The smallest GGUF decoder: its vocabulary tokenizes for every backend, and mtmd needs it."""
+    ggufs = sorted((a for a in bundle.artifacts if a.kind == "decoder" and a.format == "gguf"), key=lambda a: a.size)
+    if not ggufs:
+        raise UserError(f"{bundle.dir}: no GGUF decoder to take the tokenizer from; convert with at least one --gguf precision")
+    return bundle.path(ggufs[0])
+
+
+def _decoder(bundle: Bundle, a: Artifact, n_ctx: int, n_batch: int, n_threads: int | None,
+             providers: list[str] | None) -> Any:
+    if a.format == "onnx":
+        return OnnxDecoder(bundle.path(a), bundle.config, _vocab_gguf(bundle), n_ctx=n_ctx, providers=providers,
+                           n_threads=n_threads)
+    return LlamaDecoder(bundle.path(a), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_f32=a.precision == "f32")
+
+
+def _encoder(bundle: Bundle, a: Artifact, n_embd: int, n_threads: int | None, providers: list[str] | None) -> Any:
+    if a.format == "onnx":
+        return OnnxEncoder(bundle.path(a), n_embd, int(bundle.config["tokens_per_image"]), providers=providers,
+                           n_threads=n_threads)
+    return MtmdEncoder(bundle.path(a), _vocab_gguf(bundle), n_embd, n_threads=n_threads)
+
+
 def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None = None, *, n_ctx: int = 4096,
          n_threads: int | None = None, verify: bool = True, text_only: bool = False, force: bool = False,
-         memory_limit: int | None = None) -> Pipeline:
-    """Compose the named encoder and decoder artifacts of a bundle (`gguf:f16`, `gguf:q4_k_m`, ...).
+         memory_limit: int | None = None, providers: list[str] | None = None) -> Pipeline:
+    """Compose any encoder artifact with any decoder artifact of a bundle (`gguf:f16`, `onnx:int8`, ...).
 
-    Refuses (unless `force`) when the estimated memory exceeds what is available, or `memory_limit` bytes.
+    They meet only through embeddings. Refuses (unless `force`) when the estimated memory exceeds
+    what is available, or `memory_limit` bytes. `providers` are ONNX Runtime execution providers
+    (default: CUDA when onnxruntime-gpu sees a GPU, else CPU).
     """
     t0 = time.perf_counter()
     _check_hub_id(bundle_dir)
@@ -60,24 +88,22 @@ def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None
         bundle.verify(chosen)
     else:
         log.warning("integrity check skipped (--no-verify): artifacts are used without re-hashing")
-    for a in chosen:
-        if a.format != "gguf":
-            raise UserError(f"{bundle.dir}: {a.kind} {a.id} needs the ONNX Runtime backend, not available in this version")
     tpi = int(cfg["tokens_per_image"])
     n_batch = max(512, tpi)
     kv_bytes = 4 if dec_a.precision == "f32" else 2
     need = memory.estimate(cfg, sum(a.size for a in chosen), n_ctx, n_batch, kv_bytes, enc_a is not None)
     memory.preflight(need, memory_limit, force, str(bundle.dir))
-    dec = LlamaDecoder(bundle.path(dec_a), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                       kv_f32=dec_a.precision == "f32")
+    dec = _decoder(bundle, dec_a, n_ctx, n_batch, n_threads, providers)
     if dec.n_embd != cfg["text"]["hidden_size"] or dec.n_vocab != cfg["text"]["vocab_size"]:
         raise UserError(f"{bundle.path(dec_a)}: decoder shape (hidden {dec.n_embd}, vocab {dec.n_vocab}) differs "
                         f"from the manifest's; the bundle was mixed from different models, convert again")
-    enc = MtmdEncoder(bundle.path(enc_a), bundle.path(dec_a), dec.n_embd, n_threads=n_threads) if enc_a else None
+    enc = _encoder(bundle, enc_a, dec.n_embd, n_threads, providers) if enc_a else None
     info: dict[str, Any] = {
         "bundle": str(bundle.dir), "bundle_id": bundle.manifest_sha256,
         "decoder": dec_a.id, "encoder": enc_a.id if enc_a else None,
         "decoder_sha256": dec_a.sha256, "encoder_sha256": enc_a.sha256 if enc_a else None,
+        "threads": n_threads, "providers": {k: getattr(v, "providers", ["llama.cpp"]) for k, v in
+                                            (("decoder", dec), ("encoder", enc)) if v is not None},
         "load_s": time.perf_counter() - t0,
     }
     log.info("loaded %s (decoder %s, encoder %s) in %.2fs", bundle.dir, dec_a.id, info["encoder"], info["load_s"])

@@ -12,6 +12,10 @@ from medgemma_edge.convert_entry import convert_checkpoint, synthesize
 
 ALL_GGUF = ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0"]
 ALL_MMPROJ = ["f32", "f16", "q8_0"]
+ALL_ONNX_VISION = ["fp32", "fp16", "int8"]
+ALL_ONNX_DECODER = ["fp32", "int8", "int4"]
+ENCODERS = [f"gguf:{p}" for p in ALL_MMPROJ] + [f"onnx:{p}" for p in ALL_ONNX_VISION]
+DECODERS = [f"gguf:{p}" for p in ALL_GGUF] + [f"onnx:{p}" for p in ALL_ONNX_DECODER]
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +26,8 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "tiny"
-    convert_checkpoint(tiny_ckpt, out, ALL_GGUF, ALL_MMPROJ, progress=False)
+    convert_checkpoint(tiny_ckpt, out, ALL_GGUF, ALL_MMPROJ, progress=False, onnx_vision=ALL_ONNX_VISION,
+                       onnx_decoder=ALL_ONNX_DECODER)
     return out
 
 

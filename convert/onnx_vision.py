@@ -1,0 +1,359 @@
+"""SigLIP vision tower + Gemma 3 projector -> one ONNX graph (fp32, fp16, int8 dynamic, int8 static QDQ).
+
+`pixel_values [n, 3, S, S] float32 -> image_features [n, tokens_per_image, text_hidden] float32`,
+dynamic n. Only `vision.*` / `projector.*` tensors are read: the 4B language model is never loaded.
+Every artifact is run against the torch module on the same pixels right after it is written, and
+refused (UserError) below its precision's cosine floor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.checkpoint import Checkpoint
+from convert.spec import MedGemmaSpec
+from medgemma_edge.encoder_onnx import normalise
+from medgemma_edge.errors import UserError
+from medgemma_edge.preprocess import pixel_values
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is a standard op from 17 on; every ORT >= 1.14 runs it
+INPUT, OUTPUT = "pixel_values", "image_features"
+PROTOBUF_LIMIT = 2_000_000_000  # a single .onnx protobuf cannot exceed 2 GiB; above it, external data
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Precision:
+    method: str | None  # None | "dynamic" | "static"
+    min_cosine: float  # worst per-token cosine vs the fp32 torch module, over the validation images
+    why: str
+
+
+# Thresholds live with the precision they guard (DESIGN principle 2).
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision(None, 0.99999, "same math, different kernels: only summation order differs"),
+    "fp16": Precision(None, 0.999, "10-bit mantissa through 27 layers; measured ~0.9999+ on tiny and 4B shapes"),
+    "int8": Precision("dynamic", 0.99, "per-row activation scales, per-channel weights: ~1% direction error budget"),
+    "int8_static": Precision("static", 0.99, "fixed activation ranges from calibration images; same 1% budget"),
+}
+
+ONNX_VISION_PRECISIONS: tuple[str, ...] = tuple(PRECISIONS)
+
+# ORT transformers optimizer: measured on the 4B vision tower, 2 CPU threads (benchmarks/vision_onnx_oneoff.py).
+OPTIMIZER: dict[str, Any] = {"model_type": "clip", "opt_level": 0}
+
+
+# -- the torch module --------------------------------------------------------------------------
+def build_torch_module(ckpt: Checkpoint, spec: MedGemmaSpec) -> Any:
+    """SiglipVisionModel + Gemma3MultiModalProjector with the checkpoint's weights, fp32, eval mode."""
+    import torch
+    from transformers import AutoConfig, SiglipVisionModel
+    from transformers.initialization import no_init_weights
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+    cfg = AutoConfig.from_pretrained(ckpt.dir)
+    cfg.vision_config._attn_implementation = "eager"  # the reference's attention; plain ops export cleanly
+    with no_init_weights():  # weights come from the checkpoint; skip 400M random inits
+        vision, projector = SiglipVisionModel(cfg.vision_config), Gemma3MultiModalProjector(cfg)
+
+    class VisionProjector(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vision, self.projector = vision, projector
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [n, 3, S, S] -> [n, tokens, hidden]
+            # ref: transformers Gemma3Model.get_image_features
+            return self.projector(self.vision(pixel_values=pixels).last_hidden_state)
+
+    module = VisionProjector()
+    for part, namespace in ((vision, "vision"), (projector, "projector")):
+        state = {}
+        for key, ref in part.state_dict().items():  # transformers 4.x nests SigLIP under `vision_model.`
+            arr = ckpt.get(f"{namespace}.{key.removeprefix('vision_model.')}")  # UserError when missing
+            if tuple(arr.shape) != tuple(ref.shape):
+                raise UserError(f"{ckpt.dir}: {namespace}.{key} has shape {arr.shape}, config implies {tuple(ref.shape)}")
+            state[key] = torch.from_numpy(arr)
+        part.load_state_dict(state, strict=True, assign=True)
+    module.image_size = spec.vision.image_size
+    return module.float().eval()
+
+
+def export_fp32(module: Any, path: Path) -> None:
+    """TorchScript export (onnxscript/dynamo is not required), batch axis dynamic."""
+    import torch
+
+    dummy = torch.zeros(1, 3, module.image_size, module.image_size, dtype=torch.float32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose
+        torch.onnx.export(module, (dummy,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
+                          dynamic_axes={INPUT: {0: "n"}, OUTPUT: {0: "n"}})
+
+
+# -- post-processing steps (each file -> file, so a 1.7 GB graph is never held twice) ------------
+def _save(model: Any, path: Path) -> None:
+    import onnx
+
+    big = model.ByteSize() > PROTOBUF_LIMIT  # MedGemma 4B fp32 (1.68 GB) stays one file
+    onnx.save_model(model, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
+
+
+def _save_ort(model: Any, path: Path) -> None:
+    """Save an ORT OnnxModel: it sorts the graph and declares the com.microsoft opset its fusions use."""
+    model.save_model_to_file(str(path), use_external_data_format=model.model.ByteSize() > PROTOBUF_LIMIT)
+
+
+def finish_graph(src: Path, dst: Path, spec: MedGemmaSpec, precision: str) -> None:
+    """Pin the output shape (the tracer leaves tokens symbolic), record what the graph is, save to dst."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for dim, value in zip(model.graph.output[0].type.tensor_type.shape.dim[1:], (spec.tokens_per_image,
+                                                                               spec.text.hidden_size)):
+        dim.dim_value = value  # replaces the symbolic name (a oneof)
+    meta = {"kind": "vision+projector", "precision": precision, "image_size": spec.vision.image_size,
+            "tokens_per_image": spec.tokens_per_image}
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=f"medgemma_edge.{key}", value=str(value))
+    _save(model, dst)
+
+
+def optimize(src: Path, dst: Path, spec: MedGemmaSpec) -> dict[str, int]:
+    """ORT transformers optimizer: fuses attention, SkipLayerNorm, FastGelu. Returns fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # opt_level 0: only the pattern fusions; ORT's own graph passes run anyway when a session loads
+    opt = optimize_model(str(src), model_type=OPTIMIZER["model_type"], opt_level=OPTIMIZER["opt_level"],
+                         num_heads=spec.vision.num_heads, hidden_size=spec.vision.hidden_size)
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    _save_ort(opt, dst)
+    return stats
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    # ORT's float16 converter behind OnnxModel: symbolic shape inference knows the fused contrib ops.
+    # keep_io_types: callers feed float32 pixels and get float32 features, on any provider.
+    model = OnnxModel(onnx.load(str(src)))
+    model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=True)
+    _save_ort(model, dst)
+
+
+def _typed(src: Path, dst: Path) -> Path:
+    """ORT symbolic shape inference: types the outputs of fused ops, so the quantizers see every activation.
+
+    ref: onnxruntime quantization docs, "pre-processing" (quant_pre_process); without it a static
+    QDQ pass silently leaves every activation behind a fused op unquantized.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_optimization=True,
+                      save_as_external_data=src.stat().st_size > PROTOBUF_LIMIT, all_tensors_to_one_file=True)
+    return dst
+
+
+def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ref: ORT docs: dynamic quantization is the recommended int8 path for transformers on CPU;
+    # a fused Attention node becomes QAttention (int8 QKV projection), weight MatMuls MatMulInteger.
+    ops = ["MatMul", "Attention"]
+    quantize_dynamic(_typed(src, dst.with_suffix(".typed.onnx")), dst, op_types_to_quantize=ops,
+                     per_channel=True, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+    return {"op_types": ops, "per_channel": True, "weight_type": "int8", "activation_type": "uint8 (per tensor, runtime)"}
+
+
+def quantize_int8_static(src: Path, dst: Path, images: list[Path], size: int) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+
+    class Reader(CalibrationDataReader):  # ORT's strided protocol: set_range() before each collect pass
+        def __len__(self) -> int:
+            return len(images)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it = iter(images[start_index:end_index])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            path = next(self._it, None)
+            return None if path is None else {INPUT: _calibration_pixels(path, size)[None]}
+
+    # S8S8 QDQ: ORT's recommended first choice on x86. MatMulConstBOnly: weight MatMuls only (attention
+    # is inside the fused Attention op). CalibStridedMinMax=1 reduces ranges after every image (a 4B
+    # image's MatMul activations are ~6 GB); ORT 1.32's CalibMaxIntermediateOutputs would instead drop
+    # collected outputs unreduced (ref: onnxruntime quantization/calibrate.py collect_data).
+    quantize_static(_typed(src, dst.with_suffix(".typed.onnx")), dst, Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"MatMulConstBOnly": True, "CalibStridedMinMax": 1})
+    return {"op_types": ["MatMul"], "quant_format": "QDQ", "per_channel": True, "weight_type": "int8",
+            "activation_type": "int8", "calibrate_method": "MinMax"}
+
+
+# -- calibration images ------------------------------------------------------------------------
+def _dicom() -> Any:
+    try:
+        from medgemma_edge import dicom
+    except ImportError:  # DICOM support is optional
+        return None
+    return dicom
+
+
+def calibration_files(folder: Path) -> list[Path]:
+    """PNG/JPEG files (and DICOM when medgemma_edge.dicom is available) in `folder`, sorted by name."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: calibration images must be a folder of PNG/JPEG/DICOM files; pass a folder")
+    dicom = _dicom()
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES
+                                                                     or (dicom and dicom.is_dicom(p)))]
+    if not files:
+        raise UserError(f"{folder}: no PNG/JPEG{'/DICOM' if dicom else ''} calibration images found; "
+                        f"add a few representative images (10-50 is typical)")
+    return files
+
+
+def _calibration_pixels(path: Path, size: int) -> np.ndarray:
+    if path.suffix.lower() in IMAGE_SUFFIXES or not (dicom := _dicom()):
+        return pixel_values(path, size)
+    from PIL import Image
+
+    image = dicom.render(path)  # the rendering the runtime applies to DICOM input
+    return pixel_values(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)), size)
+
+
+# -- validation --------------------------------------------------------------------------------
+def validation_pixels(size: int, seed: int = 0) -> np.ndarray:
+    """Two uniform-noise images and one smooth film-like image, normalised: [3, 3, S, S] float32."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    lungs = sum(np.exp(-((xx - cx) ** 2 + (yy - 0.5) ** 2) / 0.02) for cx in (0.33, 0.67))
+    film = np.clip(220 - 160 * lungs + 25 * np.sin(40 * yy), 0, 255).astype(np.uint8)
+    return normalise(np.concatenate([noise, np.repeat(film[None, :, :, None], 3, axis=-1)]))  # as the runtime does
+
+
+def compare(ref: np.ndarray, ours: np.ndarray) -> dict[str, float]:
+    """Per-token cosine (min and mean over every token of every image) and max |difference|."""
+    ref64, ours64 = ref.astype(np.float64), ours.astype(np.float64)
+    cos = (ref64 * ours64).sum(-1) / (np.linalg.norm(ref64, axis=-1) * np.linalg.norm(ours64, axis=-1) + 1e-30)
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+            "max_abs": float(np.abs(ref64 - ours64).max()), "ref_max_abs": float(np.abs(ref64).max())}
+
+
+def run_onnx(path: Path, pixels: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {INPUT: pixels[i:i + 1]})[0] for i in range(len(pixels))])
+
+
+# -- the exporter ------------------------------------------------------------------------------
+def check_request(precision: str, calibration_images: Path | None) -> Precision:
+    if precision not in PRECISIONS:
+        raise UserError(f"ONNX vision precision {precision!r} is not supported; choose from {', '.join(PRECISIONS)}")
+    rule = PRECISIONS[precision]
+    if rule.method == "static" and calibration_images is None:
+        raise UserError(f"ONNX vision {precision}: static quantization needs calibration images; pass a folder "
+                        f"of 10-50 representative PNG/JPEG/DICOM images, or choose int8 (dynamic)")
+    if calibration_images is not None and rule.method != "static":
+        log.info("vision ONNX %s: calibration images are used by int8_static only", precision)
+    return rule
+
+
+class VisionExporter:
+    """Builds the torch module, its fp32 export and reference outputs once; writes any precision from them."""
+
+    def __init__(self, ckpt: Checkpoint, spec: MedGemmaSpec, workdir: Path | None = None, progress: bool = True,
+                 fuse: bool = True) -> None:
+        import torch
+
+        self.ckpt, self.spec, self._level = ckpt, spec, logging.INFO if progress else logging.DEBUG
+        self._tmp = tempfile.TemporaryDirectory(prefix=".onnx-vision-", dir=workdir)
+        self.dir, self.export_path = Path(self._tmp.name), Path(self._tmp.name) / "export.onnx"
+        self.fused: dict[str, int] | None = None  # fused-op counts, when fused
+        try:
+            log.log(self._level, "vision ONNX: building SigLIP + projector from %s", ckpt.dir)
+            module = build_torch_module(ckpt, spec)
+            self.pixels = validation_pixels(spec.vision.image_size)
+            with torch.no_grad():  # reference outputs, one image at a time (bounded memory at 896x896)
+                self.reference = np.concatenate([module(torch.from_numpy(p[None])).numpy() for p in self.pixels])
+            log.log(self._level, "vision ONNX: exporting fp32 (opset %d)", OPSET)
+            export_fp32(module, self.export_path)
+            del module  # the graph holds its own copy of the weights
+            if fuse:
+                log.log(self._level, "vision ONNX: fusing with the ORT transformers optimizer (%s)", OPTIMIZER)
+                self.fused = optimize(self.export_path, self.dir / "fused.onnx", spec)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+
+    def write(self, out: Path, precision: str, calibration_images: Path | None = None,
+              fused: bool = True) -> dict[str, Any]:
+        """Write one precision to `out` (validated) and return its manifest recipe.
+
+        fused=False writes from the plain export even when a fused graph exists (for comparisons).
+        """
+        rule = check_request(precision, calibration_images)
+        fused = fused and self.fused is not None
+        src = self.dir / "fused.onnx" if fused else self.export_path
+        tmp, quant, calib = self.dir / f"out-{precision}.onnx", None, None
+        log.log(self._level, "vision ONNX: writing %s", precision)
+        if precision == "fp32":
+            tmp = src
+        elif precision == "fp16":
+            to_fp16(src, tmp)
+        elif precision == "int8":
+            quant = quantize_int8_dynamic(src, tmp)
+        else:
+            files = calibration_files(calibration_images)  # type: ignore[arg-type]
+            quant = quantize_int8_static(src, tmp, files, self.spec.vision.image_size)
+            calib = {"count": len(files), "sha256": [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]}
+        finish_graph(tmp, out, self.spec, precision)  # the only write to `out`
+        for leftover in self.dir.glob("out-*"):  # free the disk: 4B intermediates are 0.5-1.7 GB each
+            leftover.unlink()
+        written = [out] + [p for p in [out.with_name(out.name + ".data")] if p.exists()]
+        figures = compare(self.reference, run_onnx(out, self.pixels))
+        log.log(self._level, "vision ONNX %s vs torch: cosine min %.6f, max |diff| %.3g", precision,
+                figures["cosine_min"], figures["max_abs"])
+        if figures["cosine_min"] < rule.min_cosine:
+            for path in written:
+                path.unlink()
+            raise UserError(f"{out}: ONNX vision {precision} drifts from the torch model (worst token cosine "
+                            f"{figures['cosine_min']:.6f} < {rule.min_cosine}); use fp32 or report this checkpoint")
+        v, t = self.spec.vision, self.spec.tokens_per_image
+        return {
+            "precision": precision, "method": rule.method, "opset": OPSET, "files": [p.name for p in written],
+            "input": {"name": INPUT, "dtype": "float32", "shape": ["n", 3, v.image_size, v.image_size]},
+            "output": {"name": OUTPUT, "dtype": "float32", "shape": ["n", t, self.spec.text.hidden_size]},
+            "optimizer": {**OPTIMIZER, "fused": self.fused} if fused else None,
+            "quantization": quant, "calibration": calib,
+            "validation": {**figures, "min_cosine": rule.min_cosine, "images": len(self.pixels),
+                           "against": "torch fp32 (transformers SigLIP + Gemma3MultiModalProjector)"},
+        }
+
+    def __enter__(self) -> "VisionExporter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()
+
+
+def write_onnx_vision(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precision: str,
+                      calibration_images: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """One precision in one call; to write several, use one VisionExporter (export once, reuse it)."""
+    check_request(precision, calibration_images)  # before minutes of export
+    with VisionExporter(ckpt, spec, workdir=out.parent, progress=progress) as exporter:
+        return exporter.write(out, precision, calibration_images)

@@ -1,0 +1,84 @@
+"""The ONNX Runtime image encoder: SigLIP + Gemma 3 projector graph from `convert/onnx_vision.py`.
+
+Runtime only: onnxruntime + numpy, no torch or transformers. Pixels are normalised here exactly as
+transformers' Gemma3ImageProcessor does, so the graph sees what the reference sees.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medgemma_edge.errors import UserError
+from medgemma_edge.onnx_session import default_providers, make_session
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """[n, S, S, 3] uint8 -> [n, 3, S, S] float32.
+
+    ref: transformers Gemma3ImageProcessor (rescale 1/255, normalize mean=std=0.5, channels first),
+    computed as medgemma_edge.preprocess.pixel_values computes it.
+    """
+    x = images.astype(np.float32) * np.float32(1 / 255)
+    return np.ascontiguousarray(((x - 0.5) / 0.5).transpose(0, 3, 1, 2))
+
+
+class OnnxEncoder:
+    """Encodes square RGB uint8 images [S, S, 3] into image-token embeddings [tokens, hidden] float32."""
+
+    def __init__(self, path: Path, n_embd: int, tokens_per_image: int, providers: list[str] | None = None,
+                 n_threads: int | None = None) -> None:
+        self.path = Path(path)
+        asked = list(providers) if providers else default_providers()
+        # shared with the ONNX decoder: ORT_ENABLE_ALL, one-line UserError for missing/corrupt files
+        self._session = make_session(self.path, asked, n_threads)
+        self.providers: list[str] = self._session.get_providers()  # what runs, after any CUDA fallback
+        self.threads: int | None = n_threads  # None: ORT's default, one intra-op thread per physical core
+        if asked[0] not in self.providers:
+            log.warning("ONNX encoder: %s unavailable, running on %s", asked[0], self.providers[0])
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs[0].shape) != 3:
+            raise UserError(f"{self.path}: not a vision encoder graph (expected pixel_values [n, 3, S, S] -> "
+                            f"[n, tokens, hidden]); pass the encoder from a medgemma-edge bundle")
+        self._input = inputs[0].name
+        self._dtype = _DTYPES.get(inputs[0].type)
+        size = inputs[0].shape[2]
+        if self._dtype is None or not isinstance(size, int):
+            raise UserError(f"{self.path}: encoder input is {inputs[0].type} {inputs[0].shape}; expected float "
+                            f"pixels of a fixed square size: re-run `medgemma-edge convert`")
+        self.image_size = size
+        self.n_embd, self.tokens_per_image = n_embd, tokens_per_image
+        tokens, width = outputs[0].shape[1:]
+        self._check(tokens, width)
+
+    def _check(self, tokens: object, width: object) -> None:
+        if isinstance(width, int) and width != self.n_embd:
+            raise UserError(f"{self.path}: encoder projects to width {width} but the decoder's hidden size is "
+                            f"{self.n_embd}: this encoder belongs to another model")
+        if isinstance(tokens, int) and tokens != self.tokens_per_image:
+            raise UserError(f"{self.path}: encoder yields {tokens} tokens per image but the model expects "
+                            f"{self.tokens_per_image}: this encoder belongs to another model")
+
+    def encode_batch(self, images: np.ndarray) -> np.ndarray:
+        """images: [n, S, S, 3] uint8 -> embeddings [n, tokens, n_embd] float32."""
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise UserError(f"{self.path.name}: images must be [n, {s}, {s}, 3] uint8 (got {list(images.shape)}); "
+                            f"resize with medgemma_edge.preprocess.resize_square first")
+        pixels = normalise(images).astype(self._dtype, copy=False)
+        out = self._session.run(None, {self._input: pixels})[0]
+        self._check(out.shape[1], out.shape[2])
+        return out.astype(np.float32, copy=False)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """image: [S, S, 3] uint8 -> embeddings [tokens, n_embd] float32."""
+        return self.encode_batch(np.asarray(image)[None])[0]
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]

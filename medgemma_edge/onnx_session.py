@@ -1,0 +1,55 @@
+"""ONNX Runtime sessions: provider choice (CUDA when onnxruntime-gpu and a GPU are there, else CPU),
+thread count, graph optimisations, and one-line errors for files ONNX Runtime cannot load."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medgemma_edge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+SHORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+               "openvino": "OpenVINOExecutionProvider", "dml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider"}
+
+
+def provider_names(short: list[str]) -> list[str]:
+    """`cuda,cpu` -> ONNX Runtime provider names, refusing ones this onnxruntime build lacks."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    names = [SHORT_NAMES.get(s.lower(), s) for s in short]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise UserError(f"--providers: {missing[0]} is not available in this onnxruntime (available: {', '.join(available)}); "
+                        f"for CUDA install onnxruntime-gpu (pip install 'medgemma-edge[gpu]')")
+    return names
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def make_session(path: Path, providers: list[str] | None = None, n_threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise UserError(f"{path}: ONNX file not found; re-run `medgemma-edge convert`")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # ORT's warnings are ours to turn into clear errors
+    if n_threads:
+        opts.intra_op_num_threads = n_threads
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=providers or default_providers())
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for corrupt files
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: ONNX Runtime cannot load this model ({first}); re-run `medgemma-edge convert`") from exc
+    log.info("%s on %s", path.name, session.get_providers())
+    return session
