@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 import click
+import numpy as np
 
 from medgemma_edge.errors import UserError
 from medgemma_edge.onnx_session import provider_names
@@ -61,7 +62,27 @@ model_options = _options(
     click.option("--audit-log", type=click.Path(path_type=Path), default=None,
                  help="Append one JSON line per answer: hashes, artifact ids, token counts, timings; no text, no pixels."),
     click.option("--audit-include-text", is_flag=True, help="Also write prompt and answer text to the audit log."),
+    click.option("--dicom-frame", type=click.IntRange(0), default=None, help="Frame of multi-frame DICOM images (default: the middle one)."),
+    click.option("--dicom-context", is_flag=True,
+                 help="Add modality, body part and view position of DICOM images to the question (no other tag is ever used)."),
 )
+
+
+def _images(paths: Sequence[Path], kw: dict[str, Any]) -> list[Any]:
+    """Check every image now (milliseconds, before any model loads); render DICOM at the asked frame."""
+    from medgemma_edge.dicom import is_dicom, render
+
+    for path in paths:
+        check_image_path(path)
+    return [render(p, kw["dicom_frame"]) if kw["dicom_frame"] is not None and is_dicom(p) else p for p in paths]
+
+
+def _with_context(prompt: str, paths: Sequence[Path], kw: dict[str, Any]) -> str:
+    """--dicom-context: modality, body part and view of each DICOM image, and nothing else, before the question."""
+    from medgemma_edge.dicom import dicom_context, is_dicom
+
+    lines = [dicom_context(p) for p in paths if kw["dicom_context"] and is_dicom(p)]
+    return "\n".join([line for line in lines if line] + [prompt])
 
 
 def _sampling(kw: dict[str, Any]) -> dict[str, Any]:
@@ -114,14 +135,14 @@ def run(prompt: str, images: tuple[Path, ...], decoder_gguf: Path | None, raw: b
 
     if kw["bundle_dir"] is not None and decoder_gguf is not None:
         raise UserError("pass either --bundle BUNDLE_DIR or --decoder-gguf FILE, not both")
-    for image in images:  # fail in milliseconds, not after hashing gigabytes of artifacts
-        check_image_path(image)
+    inputs = _images(images, kw)
+    prompt = _with_context(prompt, images, kw)
     audit = _audit(kw)
     if decoder_gguf is not None:
         pipe = load_decoder_gguf(decoder_gguf, n_ctx=kw["n_ctx"], n_threads=kw["threads"])
     else:
         pipe = _load_bundle(kw, with_images=bool(images))
-    gen = pipe.generate(prompt, images=list(images), system=kw["system"], stream=True, raw=raw, **_sampling(kw))
+    gen = pipe.generate(prompt, images=inputs, system=kw["system"], stream=True, raw=raw, **_sampling(kw))
     result = _stream(gen, echo=not as_json)
     if audit:
         audit.record("run", pipe.info, prompt, kw["system"], images, result)
@@ -141,8 +162,7 @@ def chat(images: tuple[Path, ...], **kw: Any) -> None:
       /reset        start a new conversation (encoded images stay cached)
       /quit or EOF  leave
     """
-    for image in images:
-        check_image_path(image)
+    _images(images, kw)
     audit = _audit(kw)
     pipe = _load_bundle(kw, with_images=True)
     session = pipe.chat(system=kw["system"])
@@ -160,7 +180,7 @@ def chat(images: tuple[Path, ...], **kw: Any) -> None:
         if text.startswith("/image"):
             path = Path(text[len("/image"):].strip())
             try:
-                check_image_path(path)
+                _images([path], kw)
             except UserError as exc:  # a typo must not end the consultation
                 click.echo(f"error: {exc}", err=True)
                 continue
@@ -171,9 +191,10 @@ def chat(images: tuple[Path, ...], **kw: Any) -> None:
             session.reset()
             click.echo("[new conversation]", err=True)
             continue
-        result = _stream(session.ask(text, images=pending, stream=True, **_sampling(kw)), echo=True)
+        question = _with_context(text, pending, kw)
+        result = _stream(session.ask(question, images=_images(pending, kw), stream=True, **_sampling(kw)), echo=True)
         if audit:
-            audit.record("chat", pipe.info, text, kw["system"], pending, result)
+            audit.record("chat", pipe.info, question, kw["system"], pending, result)
         pending = []
         t = result.timings
         log.info("ttft %.0f ms (%d tokens reused), decode %.1f tok/s", t["time_to_first_token_ms"],
@@ -237,6 +258,27 @@ def synth(out_dir: Path, size: str, seed: int) -> None:
 
     synthesize(out_dir, size=size, seed=seed)
     click.echo(f"wrote synthetic {size} checkpoint (random weights, not a medical model) to {out_dir}")
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+@click.option("--frame", type=click.IntRange(0), default=None, help="Frame of a multi-frame DICOM (default: the middle one).")
+@click.option("--size", default=896, show_default=True, type=click.IntRange(0),
+              help="Square side the encoder sees (MedGemma: 896); 0 keeps the rendered resolution.")
+def render(image: Path, output: Path, frame: int | None, size: int) -> None:
+    """Write exactly what the model will see for IMAGE (DICOM windowing, RGB, stretch to the square)."""
+    from PIL import Image
+
+    from medgemma_edge.preprocess import load_image, resize_square, to_rgb
+
+    check_image_path(image)
+    pixels = resize_square(image, size, frame) if size else to_rgb(load_image(image, frame))
+    try:
+        Image.fromarray(np.asarray(pixels)).save(output, format="PNG")
+    except OSError as exc:
+        raise UserError(f"{output}: cannot write the PNG ({exc.strerror or exc}); choose a writable -o") from exc
+    click.echo(f"wrote {output}")
 
 
 @cli.command(epilog=EPILOG)

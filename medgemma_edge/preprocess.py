@@ -28,6 +28,7 @@ from typing import Iterator, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medgemma_edge.dicom import is_dicom
 from medgemma_edge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -103,30 +104,27 @@ def _check_size(img: Image.Image, name: object) -> None:
 def check_image_path(path: Path) -> None:
     """Refuse a missing, non-image or oversized file from its header alone: milliseconds, no pixels decoded."""
     _check_file(path)
-    if not _is_dicom(path):  # DICOM is rendered by medgemma_edge.dicom, not Pillow: don't refuse it here
+    if not is_dicom(path):  # DICOM is rendered by medgemma_edge.dicom, not Pillow: don't refuse it here
         _open(path).close()
 
 
-def _is_dicom(path: Path) -> bool:
-    """A .dcm/.dicom suffix or the "DICM" magic after the 128-byte preamble (PS3.10 7.1)."""
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    try:
-        with path.open("rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False  # then _open reports why the file cannot be read
-
-
-def load_image(image: ImageInput) -> Image.Image:
+def load_image(image: ImageInput, frame: int | None = None) -> Image.Image:
     """Decoded, upright image in its own mode; one-line `UserError` on bad input.
 
-    A PIL image passed in gets the same size limit and EXIF orientation as a file (as transformers'
-    `load_image` treats both), so a path and `Image.open(path)` give the same pixels."""
+    DICOM files (by suffix or the DICM magic) are rendered as the model should see them (see
+    dicom.py; `frame` picks one of a multi-frame file, default the middle one). A PIL image passed
+    in gets the same size limit and EXIF orientation as a file (as transformers' `load_image`
+    treats both), so a path and `Image.open(path)` give the same pixels."""
     if isinstance(image, Image.Image):
         return _decode(image, getattr(image, "filename", "") or f"image ({image.mode} {image.width}x{image.height})")
     path = Path(image)
     _check_file(path)
+    if is_dicom(path):
+        from medgemma_edge.dicom import render
+
+        rendered = render(path, frame)
+        _check_size(rendered, path)
+        return rendered
     with _open(path) as img:  # closes the file; the decoded copy below stays valid
         return _decode(img, path)
 
@@ -169,9 +167,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
                         f"save the image as an 8-bit RGB or grayscale PNG") from exc
 
 
-def resize_square(image: ImageInput, size: int) -> np.ndarray:
+def resize_square(image: ImageInput, size: int, frame: int | None = None) -> np.ndarray:
     """RGB uint8 [size, size, 3]: what the encoder sees, before rescaling and normalisation."""
-    img = to_rgb(load_image(image))
+    img = to_rgb(load_image(image, frame))
     if img.size != (size, size):
         img = img.resize((size, size), resample=Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

@@ -119,6 +119,7 @@ def test_decompression_bomb_is_refused_before_decoding(bomb_png: Path) -> None:
 
 def test_pillow_bomb_warning_is_a_refusal_not_a_printed_warning(tmp_path: Path) -> None:
     # 10000x10000 = 100 MP: above Pillow's default warning level (89.5 MP), below its error level
+    assert Image.MAX_IMAGE_PIXELS < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS  # precondition: the warning band
     big = gray_png(tmp_path / "big.png", 10000, 10000)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
