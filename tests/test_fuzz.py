@@ -348,3 +348,24 @@ def test_gguf_crafted_headers_are_refused(tmp_path: Path, case: str) -> None:
     check_gguf(path)
     with pytest.raises(UserError, match="corrupt"):
         read_gguf_header(path)
+
+
+# -- ONNX files, before and inside ONNX Runtime -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def vision_onnx(tiny_bundle: Path) -> bytes:
+    bundle = open_bundle(tiny_bundle)
+    return Blob(bundle.path(bundle.find("encoder", "onnx:int8")).read_bytes())
+
+
+@FUZZ
+@given(edits=mutations(hot=4096))
+def test_onnx_mutated(tmp_path: Path, vision_onnx: bytes, edits: list) -> None:
+    """A damaged .onnx is refused in one line by our session factory; ONNX Runtime must not take the process down."""
+    from medgemma_edge.onnx_session import make_session
+
+    path = tmp_path / "vision.onnx"
+    path.write_bytes(mutate(vision_onnx, edits))
+    try:
+        make_session(path, ["CPUExecutionProvider"], 1)
+    except UserError as exc:
+        assert_clear_error(exc, path)
