@@ -139,12 +139,13 @@ def test_our_limit_holds_without_pillows(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_header_check_leaves_dicom_to_the_dicom_reader(tmp_path: Path) -> None:
-    """check_image_path probes headers with Pillow, which cannot read DICOM: it must not refuse DICOM files."""
+    """check_image_path probes headers with Pillow, which cannot read DICOM: it must not refuse DICOM files;
+    loading then goes to the DICOM renderer, which refuses this pixel-less stub in one line."""
     for name in ("scan.dcm", "scan-without-suffix"):
         path = tmp_path / name
         path.write_bytes(b"\0" * 128 + b"DICM" + b"\2\0\0\0UL\4\0")
         check_image_path(path)  # no error: the DICOM renderer, not Pillow, judges this file
-        assert_refused(path, "not a readable image")  # Pillow itself still refuses it cleanly
+        assert_refused(path, "no image pixel data")
 
 
 # -- handled -------------------------------------------------------------------------------------------
