@@ -152,7 +152,7 @@ def to_fp16(src: Path, dst: Path) -> None:
     _save_ort(model, dst)
 
 
-def _typed(src: Path, dst: Path) -> Path:
+def _typed(src: Path) -> Path:
     """ORT symbolic shape inference: types the outputs of fused ops, so the quantizers see every activation.
 
     ref: onnxruntime quantization docs, "pre-processing"; without it a static QDQ pass silently leaves
@@ -162,6 +162,7 @@ def _typed(src: Path, dst: Path) -> Path:
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    dst = src.with_suffix(".typed.onnx")  # beside src: the external-data location is relative
     graph = onnx.load(str(src), load_external_data=False)
     onnx.save_model(SymbolicShapeInference.infer_shapes(graph, auto_merge=True), str(dst))
     return dst
@@ -173,7 +174,7 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
     # ref: ORT docs: dynamic quantization is the recommended int8 path for transformers on CPU;
     # a fused Attention node becomes QAttention (int8 QKV projection), weight MatMuls MatMulInteger.
     ops = ["MatMul", "Attention"]
-    quantize_dynamic(_typed(src, dst.with_suffix(".typed.onnx")), dst, op_types_to_quantize=ops,
+    quantize_dynamic(_typed(src), dst, op_types_to_quantize=ops,
                      per_channel=True, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
     return {"op_types": ops, "per_channel": True, "weight_type": "int8", "activation_type": "uint8 (per tensor, runtime)"}
 
@@ -197,7 +198,7 @@ def quantize_int8_static(src: Path, dst: Path, images: list[Path], size: int) ->
     # is inside the fused Attention op). CalibStridedMinMax=1 reduces ranges after every image (a 4B
     # image's MatMul activations are ~6 GB); ORT 1.32's CalibMaxIntermediateOutputs would instead drop
     # collected outputs unreduced (ref: onnxruntime quantization/calibrate.py collect_data).
-    quantize_static(_typed(src, dst.with_suffix(".typed.onnx")), dst, Reader(), quant_format=QuantFormat.QDQ,
+    quantize_static(_typed(src), dst, Reader(), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"MatMulConstBOnly": True, "CalibStridedMinMax": 1})

@@ -5,6 +5,7 @@ The runtime itself never imports torch or transformers; only these entry points 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,12 @@ def _require_convert_extra() -> None:
     # conversion runs offline too: any hub client transformers pulls in must never reach out
     for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[flag] = "1"
-    try:
-        import gguf  # noqa: F401
-        import safetensors  # noqa: F401
-        import sentencepiece  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise UserError(
-            f"conversion needs the 'convert' extra ({exc.name} is not installed): "
-            f"pip install torch==2.13.0 'medgemma-edge[convert]'"
-        ) from exc
+    # find_spec, not import: the runtime package itself never imports torch or transformers
+    missing = [m for m in ("torch", "transformers", "gguf", "safetensors", "sentencepiece", "onnx")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"conversion needs the 'convert' extra ({missing[0]} is not installed): "
+                        f"pip install torch==2.13.0 'medgemma-edge[convert]'")
 
 
 def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str],

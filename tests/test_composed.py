@@ -49,6 +49,15 @@ def test_every_combination_runs_from_the_cli(tiny_bundle: Path, xray_png: Path, 
         assert backends["decoder"] == (["CPUExecutionProvider"] if decoder.startswith("onnx") else ["llama.cpp"])
 
 
+def test_onnx_encoder_feeds_llama_cpp_decoder(tiny_bundle: Path, ref_image, xray_png: Path) -> None:
+    """The composition no existing tool offers: ONNX Runtime's SigLIP into llama.cpp's Gemma 3."""
+    ref_ids, ref_logits = ref_image
+    pipe = medgemma_edge.load(tiny_bundle, encoder="onnx:fp32", decoder="gguf:f32")
+    ids, logits = pipe.prompt_logits(PROMPT, [xray_png], SYSTEM)
+    m = parity(ref_logits, logits)
+    assert ids.tolist() == ref_ids.tolist() and m["mean_kl"] < 1e-4, m
+
+
 def test_onnx_fp32_decoder_is_exact_on_text(tiny_bundle: Path, reference) -> None:
     ref_ids, ref_logits = reference.prompt_logits(PROMPT, [], SYSTEM)
     pipe = medgemma_edge.load(tiny_bundle, decoder="onnx:fp32", text_only=True)

@@ -49,6 +49,23 @@ def test_run_and_chat_never_open_a_socket(tiny_bundle: Path, xray_png: Path, tmp
     assert chat.returncode == 0 and "NETWORK" not in chat.stderr, chat.stderr
 
 
+def test_runtime_never_imports_torch_or_transformers(tiny_bundle: Path, xray_png: Path, tmp_path: Path) -> None:
+    """A workstation install needs neither: run with both made unimportable, through every backend."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise SystemExit(f'RUNTIME IMPORTED {name}')\n"
+        "sys.meta_path.insert(0, _Block())\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for encoder, decoder in (("gguf:f16", "gguf:q8_0"), ("onnx:int8", "onnx:int4")):
+        out = subprocess.run([CLI, "run", "--bundle", str(tiny_bundle), "--image", str(xray_png), "--encoder", encoder,
+                              "--decoder", decoder, "--max-new-tokens", "2", "Describe"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "RUNTIME IMPORTED" not in out.stderr, out.stderr
+
+
 def test_convert_runs_offline_with_hub_flags_set(tiny_ckpt: Path, tmp_path: Path) -> None:
     env = _offline_env(tmp_path)
     out = subprocess.run([CLI, "convert", str(tiny_ckpt), "-o", str(tmp_path / "b"), "--gguf", "q8_0", "--mmproj", "f16"],

@@ -7,18 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import medgemma_edge
 
 CLI = str(Path(sys.executable).with_name("medgemma-edge"))
 SYSTEM = "You are an expert radiologist."
 
 
-def _pipe(bundle: Path):
-    return medgemma_edge.load(bundle, encoder="gguf:f32", decoder="gguf:f32")
+def _pipe(bundle: Path, decoder: str = "gguf:f32"):
+    return medgemma_edge.load(bundle, encoder="gguf:f32", decoder=decoder)
 
 
-def test_follow_up_reuses_image_and_prefix(tiny_bundle: Path, xray_png: Path) -> None:
-    pipe = _pipe(tiny_bundle)
+@pytest.mark.parametrize("decoder", ["gguf:f32", "onnx:fp32"])
+def test_follow_up_reuses_image_and_prefix(tiny_bundle: Path, xray_png: Path, decoder: str) -> None:
+    pipe = _pipe(tiny_bundle, decoder)
     session = pipe.chat(system=SYSTEM)
     first = session.ask("Describe this X-ray", images=[xray_png], max_new_tokens=8)
     assert pipe.encoder_calls == 1 and first.reused_tokens == 0
@@ -27,7 +30,7 @@ def test_follow_up_reuses_image_and_prefix(tiny_bundle: Path, xray_png: Path) ->
     # everything up to the new turn came from the KV cache: the first prompt and the evaluated answer
     assert second.reused_tokens >= first.prompt_tokens + len(first.token_ids) - 1
 
-    fresh_pipe = _pipe(tiny_bundle)
+    fresh_pipe = _pipe(tiny_bundle, decoder)
     fresh = fresh_pipe.chat(system=SYSTEM)
     fresh.turns, fresh.images = list(session.turns[:2]), [xray_png]  # same conversation, nothing cached
     again = fresh.ask("Is there a pleural effusion?", max_new_tokens=8)
