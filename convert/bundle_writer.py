@@ -13,7 +13,7 @@ import logging
 import os
 import platform
 import shutil
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from convert.onnx_decoder import ONNX_DECODER_PRECISIONS, write_onnx_decoder
 from convert.onnx_vision import ONNX_VISION_PRECISIONS, write_onnx_vision
 from convert.spec import load_spec
 from medgemma_edge import __version__
-from medgemma_edge.bundle import FORMAT, FORMAT_VERSION, Artifact, Bundle, open_bundle, sha256_file, write_manifest
+from medgemma_edge.bundle import (MANIFEST, FORMAT, FORMAT_VERSION, Artifact, Bundle, open_bundle, sha256_file,
+                                  write_manifest)
 from medgemma_edge.errors import UserError
 from medgemma_edge.native import quiet_llama
 
@@ -53,6 +54,13 @@ def _clean_leftovers(out_dir: Path) -> None:
         else:
             log.info("removing leftovers of an interrupted conversion: %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # e.g. onnxruntime-gpu installed instead of onnxruntime
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -87,8 +95,11 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
         raise UserError(f"{src}: checkpoint folder not found; pass a local Hugging Face checkpoint folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another -o")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it or choose another -o")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out}: already exists and is not empty; pass --overwrite to replace it or choose another -o")
+        if not (out / MANIFEST).is_file():  # --overwrite replaces bundles, never an arbitrary folder
+            raise UserError(f"{out}: is not a bundle (no {MANIFEST}); --overwrite only replaces bundles, choose another -o")
     spec = load_spec(src)
     ckpt = Checkpoint(src)
     quiet_llama()
@@ -106,14 +117,15 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "converter": {
                 "name": "medgemma-edge", "version": __version__, "python": platform.python_version(),
-                **{pkg.replace("-", "_"): version(pkg) for pkg in ("llama-cpp-python", "gguf", "onnx", "onnxruntime", "torch")},
+                **{pkg.replace("-", "_"): _version(pkg)
+                   for pkg in ("llama-cpp-python", "gguf", "onnx", "onnxruntime", "onnxruntime-gpu", "torch")},
             },
             "source": {"path": str(src.resolve()), "files": ckpt.file_hashes()},
             "config": spec.summary(),
             "artifacts": [a.to_json() for a in artifacts],
         }
         write_manifest(tmp, manifest)
-        if out.exists():
+        if overwrite and out.exists():
             # two renames, not one: a kill in between leaves `.old-PID`, which the next run restores
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -124,7 +136,10 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(out)
+            try:
+                tmp.rename(out)  # fails if someone else filled `out` meanwhile: never replace what we did not check
+            except OSError as exc:
+                raise UserError(f"{out}: appeared while converting; pass --overwrite or choose another -o") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

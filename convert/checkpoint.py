@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,9 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("model.multi_modal_projector.", "projector."),
     ("multi_modal_projector.", "projector."),
 )
-# Tensors with no place in the runtime: the tied LM head and SigLIP's unused pooling head.
-_IGNORED = ("lm_head.", "language_model.lm_head.", "vision.head.")
+# Tensors with no place in the runtime: the LM head (Gemma 3 ties it to the embedding; llama.cpp
+# writes none) and SigLIP's unused pooling head. Matched on canonical names.
+_IGNORED = ("lm_head.", "text.lm_head.", "vision.head.")
 
 
 def canonical_name(name: str) -> str | None:
@@ -59,8 +61,9 @@ class Checkpoint:
                         canon = canonical_name(name)
                         if canon is not None:
                             self._where[canon] = (file, name)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{self.dir}: unreadable safetensors ({exc}); the checkpoint is corrupt or incomplete") from exc
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (an Exception)
+            raise UserError(f"{self.dir}: unreadable safetensors ({str(exc)[:200]}); the checkpoint is corrupt or "
+                            f"incomplete, copy it again") from exc
         unknown = sorted(n for n in self._where if not n.startswith(("text.", "vision.", "projector.")))
         if unknown:
             raise UserError(f"{self.dir}: unexpected tensor names such as {unknown[0]!r}; not a MedGemma layout")
@@ -104,12 +107,28 @@ class Checkpoint:
         if name not in self._where:
             raise UserError(f"{self.dir}: tensor {name!r} is missing; the checkpoint is incomplete")
         file, key = self._where[name]
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(key).float().numpy()
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(key).float().numpy()
+        except Exception as exc:  # noqa: BLE001 - a truncated shard fails here, as SafetensorError
+            raise UserError(f"{file}: tensor {key!r} is unreadable ({str(exc)[:200]}); copy the checkpoint again") from exc
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every file in the checkpoint folder, for the bundle's provenance."""
         return {p.name: sha256_file(p) for p in sorted(self.dir.iterdir()) if p.is_file()}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON side file ({} if absent), with a one-line error when it is malformed."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: malformed JSON ({exc}); copy the checkpoint again") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object; copy the checkpoint again")
+    return data
 
 
 def iter_layers(names: list[str], prefix: str) -> Iterator[int]:

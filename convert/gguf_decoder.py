@@ -4,13 +4,12 @@ derived from it by llama.cpp's own quantizer so the bytes match what llama.cpp u
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 from pathlib import Path
 
 import gguf
 
-from convert.checkpoint import Checkpoint, iter_layers
+from convert.checkpoint import Checkpoint, iter_layers, read_json
 from convert.gguf_common import Q, TensorJob, add_one, write_gguf
 from convert.spec import MedGemmaSpec
 from medgemma_edge.errors import UserError
@@ -79,7 +78,10 @@ def _vocab(ckpt_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], l
     path = ckpt_dir / "tokenizer.model"
     if not path.is_file():
         raise UserError(f"{path}: missing; the Gemma 3 SentencePiece tokenizer is required to convert")
-    sp = SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"{path}: not a readable SentencePiece model ({exc}); copy the checkpoint again") from exc
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-1000.0] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
@@ -91,12 +93,14 @@ def _vocab(ckpt_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], l
             else gguf.TokenType.NORMAL
         )
     cfg_path = ckpt_dir / "tokenizer_config.json"
-    added = json.loads(cfg_path.read_text()).get("added_tokens_decoder", {}) if cfg_path.is_file() else {}
-    for tid, tok in added.items():
-        i = int(tid)
-        if i < vocab_size:
-            tokens[i], scores[i] = tok["content"].encode(), -1000.0
-            types[i] = int(gguf.TokenType.CONTROL if tok.get("special") else gguf.TokenType.USER_DEFINED)
+    try:
+        for tid, tok in read_json(cfg_path).get("added_tokens_decoder", {}).items():
+            i = int(tid)
+            if i < vocab_size:
+                tokens[i], scores[i] = str(tok["content"]).encode(), -1000.0
+                types[i] = int(gguf.TokenType.CONTROL if tok.get("special") else gguf.TokenType.USER_DEFINED)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UserError(f"{cfg_path}: malformed added_tokens_decoder ({exc!r}); copy the checkpoint again") from exc
     return tokens, scores, types
 
 
@@ -104,8 +108,7 @@ def _chat_template(ckpt_dir: Path) -> str | None:
     for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
         path = ckpt_dir / name
         if path.is_file():
-            text = path.read_text(encoding="utf-8")
-            return text if name.endswith(".jinja") else json.loads(text).get("chat_template")
+            return path.read_text(encoding="utf-8") if name.endswith(".jinja") else read_json(path).get("chat_template")
     return None
 
 

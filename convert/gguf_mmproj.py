@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import gguf
 
-from convert.checkpoint import Checkpoint, iter_layers
+from convert.checkpoint import Checkpoint, iter_layers, read_json
 from convert.gguf_common import Q, TensorJob, add_one, write_gguf
 from convert.spec import MedGemmaSpec
 from medgemma_edge.errors import UserError
@@ -102,6 +101,5 @@ def write_mmproj(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precision: str
 
 def _image_norm(ckpt_dir: Path) -> tuple[list[float], list[float]]:
     """Normalisation constants from preprocessor_config.json (Gemma 3 default: 0.5 / 0.5)."""
-    path = ckpt_dir / "preprocessor_config.json"
-    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg = read_json(ckpt_dir / "preprocessor_config.json")
     return list(cfg.get("image_mean", [0.5] * 3)), list(cfg.get("image_std", [0.5] * 3))

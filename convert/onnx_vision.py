@@ -89,28 +89,32 @@ def build_torch_module(ckpt: Checkpoint, spec: MedGemmaSpec) -> Any:
 
 
 def export_fp32(module: Any, path: Path) -> None:
-    """TorchScript export (onnxscript/dynamo is not required), batch axis dynamic."""
+    """TorchScript export (onnxscript/dynamo is not required), batch axis dynamic; weights in path.data."""
+    import onnx
     import torch
 
+    traced = path.with_name("traced-" + path.name)
     dummy = torch.zeros(1, 3, module.image_size, module.image_size, dtype=torch.float32)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose
-        torch.onnx.export(module, (dummy,), str(path), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(module, (dummy,), str(traced), dynamo=False, opset_version=OPSET,
                           input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
                           dynamic_axes={INPUT: {0: "n"}, OUTPUT: {0: "n"}})
+    _save(onnx.load(str(traced)), path, external=True)
+    traced.unlink()
 
 
-# -- post-processing steps (each file -> file, so a 1.7 GB graph is never held twice) ------------
-def _save(model: Any, path: Path) -> None:
+# -- post-processing steps: file -> file. Intermediates keep weight matrices in external data, so
+# graph-only passes (shape inference) never load 1.7 GB and the heavy ones load it once.
+WEIGHTS_OUT = 1 << 20  # tensors above 1 MB go to external data; biases and shape constants stay inline
+
+
+def _save(model: Any, path: Path, external: bool = False) -> None:
     import onnx
 
-    big = model.ByteSize() > PROTOBUF_LIMIT  # MedGemma 4B fp32 (1.68 GB) stays one file
-    onnx.save_model(model, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
-
-
-def _save_ort(model: Any, path: Path) -> None:
-    """Save an ORT OnnxModel: it sorts the graph and declares the com.microsoft opset its fusions use."""
-    model.save_model_to_file(str(path), use_external_data_format=model.model.ByteSize() > PROTOBUF_LIMIT)
+    external = external or model.ByteSize() > PROTOBUF_LIMIT  # the final 4B fp32 (1.68 GB) stays one file
+    onnx.save_model(model, str(path), save_as_external_data=external, size_threshold=WEIGHTS_OUT,
+                    location=path.name + ".data" if external else None)
 
 
 def finish_graph(src: Path, dst: Path, spec: MedGemmaSpec, precision: str) -> None:
@@ -137,35 +141,33 @@ def optimize(src: Path, dst: Path, spec: MedGemmaSpec) -> dict[str, int]:
     opt = optimize_model(str(src), model_type=OPTIMIZER["model_type"], opt_level=OPTIMIZER["opt_level"],
                          num_heads=spec.vision.num_heads, hidden_size=spec.vision.hidden_size)
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-    _save_ort(opt, dst)
+    # ORT's own save: sorts the graph and declares the com.microsoft opset of the fused ops
+    opt.save_model_to_file(str(dst), use_external_data_format=True, size_threshold=WEIGHTS_OUT)
     return stats
 
 
-def to_fp16(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    # ORT's float16 converter behind OnnxModel: symbolic shape inference knows the fused contrib ops.
-    # keep_io_types: callers feed float32 pixels and get float32 features, on any provider.
-    model = OnnxModel(onnx.load(str(src)))
-    model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=True)
-    _save_ort(model, dst)
-
-
 def _typed(src: Path) -> Path:
-    """ORT symbolic shape inference: types the outputs of fused ops, so the quantizers see every activation.
+    """ORT symbolic shape inference: types the outputs of fused ops, so converters see every tensor.
 
     ref: onnxruntime quantization docs, "pre-processing"; without it a static QDQ pass silently leaves
-    every activation behind a fused op unquantized. Runs on the graph alone (weights stay in src's
-    external data file, which dst shares): quant_pre_process on the whole 4B model peaks at ~8 GB.
+    every activation behind a fused op unquantized. Runs on the graph alone (the result shares src's
+    external data): quant_pre_process on the whole 4B model peaks at ~8 GB, this at 0.3 GB.
     """
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    dst = src.with_suffix(".typed.onnx")  # beside src: the external-data location is relative
+    dst = src.with_name("typed-" + src.name)  # beside src: the external-data location is relative
     graph = onnx.load(str(src), load_external_data=False)
     onnx.save_model(SymbolicShapeInference.infer_shapes(graph, auto_merge=True), str(dst))
     return dst
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # keep_io_types: callers feed float32 pixels and get float32 features, on any provider
+    _save(convert_float_to_float16(onnx.load(str(_typed(src))), keep_io_types=True, disable_shape_infer=True), dst)
 
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
@@ -180,28 +182,42 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
 
 
 def quantize_int8_static(src: Path, dst: Path, images: list[Path], size: int) -> dict[str, Any]:
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    class Reader(CalibrationDataReader):  # ORT's strided protocol: set_range() before each collect pass
-        def __len__(self) -> int:
-            return len(images)
-
-        def set_range(self, start_index: int, end_index: int) -> None:
-            self._it = iter(images[start_index:end_index])
+    class One(CalibrationDataReader):
+        def __init__(self, path: Path | None) -> None:
+            self.path = path
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            path = next(self._it, None)
+            path, self.path = self.path, None
             return None if path is None else {INPUT: _calibration_pixels(path, size)[None]}
 
-    # S8S8 QDQ: ORT's recommended first choice on x86. MatMulConstBOnly: weight MatMuls only (attention
-    # is inside the fused Attention op). CalibStridedMinMax=1 reduces ranges after every image (a 4B
-    # image's MatMul activations are ~6 GB); ORT 1.32's CalibMaxIntermediateOutputs would instead drop
-    # collected outputs unreduced (ref: onnxruntime quantization/calibrate.py collect_data).
-    quantize_static(_typed(src), dst, Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"MatMulConstBOnly": True, "CalibStridedMinMax": 1})
+    typed, ranges = _typed(src), dst.with_name("ranges-" + dst.stem + ".json")
+    calibrator = create_calibrator(typed, ["MatMul"], augmented_model_path=str(dst.with_name("aug-" + dst.name)),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    # ORT's calibration session runs in its DEFAULT order, which schedules the added ReduceMin/Max
+    # nodes last and so keeps every calibrated activation alive (13 GB for one 4B image); graph order
+    # (PRIORITY_BASED) frees each after its reduction: 4.8 GB. ref: onnxruntime calibrate.py
+    # create_inference_session (same DISABLE_ALL level as there).
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    calibrator.infer_session = None
+    calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, opts,
+                                                    providers=["CPUExecutionProvider"])
+    for path in images:  # each call reduces and merges ranges: memory stays one image's worth
+        calibrator.collect_data(One(path))
+    save_tensors_data(calibrator.compute_data(), ranges)
+    del calibrator
+    # S8S8 QDQ: ORT's recommended first choice on x86. MatMulConstBOnly: weight MatMuls only
+    # (attention itself is inside the fused Attention op).
+    quantize_static(typed, dst, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=ranges,
+                    extra_options={"MatMulConstBOnly": True})
     return {"op_types": ["MatMul"], "quant_format": "QDQ", "per_channel": True, "weight_type": "int8",
             "activation_type": "int8", "calibrate_method": "MinMax"}
 
@@ -325,8 +341,9 @@ class VisionExporter:
             quant = quantize_int8_static(src, tmp, files, self.spec.vision.image_size)
             calib = {"count": len(files), "sha256": [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]}
         finish_graph(tmp, out, self.spec, precision)  # the only write to `out`
-        for leftover in self.dir.glob("out-*"):  # free the disk: 4B intermediates are 0.5-1.7 GB each
-            leftover.unlink()
+        for leftover in self.dir.iterdir():  # free the disk: 4B intermediates are 0.5-1.7 GB each
+            if not leftover.name.startswith(("export.onnx", "fused.onnx")):
+                leftover.unlink()
         written = [out] + [p for p in [out.with_name(out.name + ".data")] if p.exists()]
         figures = compare(self.reference, run_onnx(out, self.pixels))
         log.log(self._level, "vision ONNX %s vs torch: cosine min %.6f, max |diff| %.3g", precision,

@@ -37,7 +37,7 @@ class AuditLog:
         self.path, self.include_text = path, include_text
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))  # private: it may hold text
         except OSError as exc:
             raise UserError(f"{path}: cannot write the audit log ({exc.strerror}); choose a writable --audit-log") from exc
 

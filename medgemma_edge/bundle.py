@@ -151,8 +151,10 @@ def open_bundle(directory: str | Path) -> Bundle:
 
 
 # What the runtime reads from the manifest's config summary, and the type each must have.
-_CONFIG_KEYS = {("tokens_per_image",): int, ("text", "hidden_size"): int, ("text", "vocab_size"): int,
-                ("vision", "image_size"): int, ("eos_token_ids",): list}
+_CONFIG_KEYS = {("tokens_per_image",): int, ("eos_token_ids",): list,
+                **{("text", k): int for k in ("hidden_size", "vocab_size", "num_layers", "num_kv_heads", "head_dim",
+                                               "intermediate_size", "sliding_window")},
+                **{("vision", k): int for k in ("image_size", "patch_size", "num_heads", "hidden_size", "num_layers")}}
 
 
 def _check_config(config: dict[str, Any], path: Path) -> None:
@@ -160,7 +162,7 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
         value: Any = config
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and not 0 < value < 1 << 40):
             raise UserError(f"{path}: config.{'.'.join(keys)} is missing or invalid; re-run `medgemma-edge convert`")
 
 

@@ -95,7 +95,7 @@ def _load_bundle(kw: dict[str, Any], with_images: bool) -> Any:
     if kw["bundle_dir"] is None:
         raise UserError("pass --bundle BUNDLE_DIR (a folder written by `medgemma-edge convert`)")
     limit = None if kw["memory_limit"] is None else int(kw["memory_limit"] * 2**30)
-    providers = provider_names(_csv(kw["providers"])) if kw["providers"] else None
+    providers = provider_names([p.strip() for p in kw["providers"].split(",") if p.strip()]) if kw["providers"] else None
     return load(kw["bundle_dir"], encoder=kw["encoder"], decoder=kw["decoder"], n_ctx=kw["n_ctx"],
                 n_threads=kw["threads"], verify=not kw["no_verify"], text_only=not with_images,
                 force=kw["force"], memory_limit=limit, providers=providers)
@@ -192,7 +192,12 @@ def chat(images: tuple[Path, ...], **kw: Any) -> None:
             click.echo("[new conversation]", err=True)
             continue
         question = _with_context(text, pending, kw)
-        result = _stream(session.ask(question, images=_images(pending, kw), stream=True, **_sampling(kw)), echo=True)
+        try:
+            result = _stream(session.ask(question, images=_images(pending, kw), stream=True, **_sampling(kw)), echo=True)
+        except UserError as exc:  # e.g. context full or an unreadable image: report it, keep the session
+            click.echo(f"error: {exc}", err=True)
+            pending = []
+            continue
         if audit:
             audit.record("chat", pipe.info, question, kw["system"], pending, result)
         pending = []
@@ -218,8 +223,9 @@ def info(bundle_dir: Path, no_verify: bool, as_json: bool) -> None:
     m, cfg = bundle.manifest, bundle.config
     t, v = cfg["text"], cfg["vision"]
     click.echo(f"bundle     {bundle.dir}  (id {bundle.manifest_sha256[:16]})")
-    click.echo(f"converter  medgemma-edge {m['converter']['version']}, {m['created']}")
-    click.echo(f"source     {m['source']['path']}  ({len(m['source']['files'])} files hashed)")
+    converter, source = m.get("converter") or {}, m.get("source") or {}
+    click.echo(f"converter  medgemma-edge {converter.get('version', '?')}, {m.get('created', '?')}")
+    click.echo(f"source     {source.get('path', '?')}  ({len(source.get('files') or {})} files hashed)")
     click.echo(f"decoder    gemma3: {t['num_layers']} layers, hidden {t['hidden_size']}, vocab {t['vocab_size']}")
     click.echo(f"vision     siglip: {v['num_layers']} layers, {v['image_size']}px, {cfg['tokens_per_image']} tokens/image")
     for a in bundle.artifacts:

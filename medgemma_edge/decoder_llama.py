@@ -120,7 +120,8 @@ class LlamaDecoder:
         if n > self.n_batch:
             raise UserError(f"an image of {n} tokens does not fit the decoder batch of {self.n_batch}")
         b = self._ebatch
-        ctypes.memmove(b.embd, np.ascontiguousarray(embd, dtype=np.float32).ctypes.data, embd.size * 4)
+        data = np.ascontiguousarray(embd, dtype=np.float32)  # kept alive across the memmove
+        ctypes.memmove(b.embd, data.ctypes.data, data.nbytes)
         self._ll.llama_set_causal_attn(self._ctx, False)
         try:
             return self._decode(b, n, all_logits, True)

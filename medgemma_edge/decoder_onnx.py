@@ -60,7 +60,7 @@ class OnnxDecoder:
         n = embd.shape[0]
         return self._run(np.zeros((1, n), np.int64), embd[None].astype(np.float32), image=True, all_logits=all_logits)
 
-    def _masks(self, s: int, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _masks(self, s: int, image: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p = self.n_past
         q = np.arange(p, p + s)[:, None]
         k = np.arange(p + s)[None, :]
@@ -70,22 +70,21 @@ class OnnxDecoder:
         causal = k <= q
         allow_global = causal | same_image
         allow_local = (causal & (q - k < self.window)) | same_image
-        self._image = kv_image
         to_mask = lambda allow: np.where(allow, np.float32(0), NEG)[None, None].astype(np.float32)  # noqa: E731
-        return to_mask(allow_global), to_mask(allow_local)
+        return to_mask(allow_global), to_mask(allow_local), kv_image
 
     def _run(self, ids: np.ndarray, embeds: np.ndarray, image: bool, all_logits: bool) -> np.ndarray:
         s = ids.shape[1]
         if self.n_past + s > self.n_ctx:
             raise UserError(f"the conversation needs {self.n_past + s} tokens, more than the context of "
                             f"{self.n_ctx}; raise --ctx or shorten the prompt")
-        mask_global, mask_local = self._masks(s, image)
+        mask_global, mask_local, kv_image = self._masks(s, image)
         feed = {"input_ids": ids, "inputs_embeds": embeds, "embeds_mask": np.full((1, s), float(image), np.float32),
                 "position_ids": np.arange(self.n_past, self.n_past + s, dtype=np.int64)[None],
                 "mask_global": mask_global, "mask_local": mask_local}
         feed.update({f"past_{kv}_{i}": self._past[2 * i + j] for i in range(self.n_layers)
                      for j, kv in enumerate(("key", "value"))})
         logits, *present = self.session.run(None, feed)
-        self._past = present
+        self._past, self._image = present, kv_image  # only after success: a failed run changes nothing
         self.n_past += s
         return logits[0] if all_logits else logits[0, -1:]

@@ -38,19 +38,24 @@ def _choose(bundle: Bundle, kind: str, asked: str | None, preference: tuple[str,
 
 def _check_hub_id(bundle_dir: str | Path) -> None:
     text = str(bundle_dir)
-    if not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if (not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+            and not Path(text).parent.exists()):  # `bundles/tiny` with a local `bundles/` is a path typo
         raise UserError(
             f"{text}: looks like a model-hub id, and medgemma-edge never downloads; copy the checkpoint to this "
             f"machine and run `medgemma-edge convert CHECKPOINT_DIR -o BUNDLE_DIR`, then pass --bundle BUNDLE_DIR"
         )
 
 
-def _vocab_gguf(bundle: Bundle) -> Path:
+def _vocab_artifact(bundle: Bundle) -> Artifact:
     """The smallest GGUF decoder: its vocabulary tokenizes for every backend, and mtmd needs it."""
     ggufs = sorted((a for a in bundle.artifacts if a.kind == "decoder" and a.format == "gguf"), key=lambda a: a.size)
     if not ggufs:
         raise UserError(f"{bundle.dir}: no GGUF decoder to take the tokenizer from; convert with at least one --gguf precision")
-    return bundle.path(ggufs[0])
+    return ggufs[0]
+
+
+def _vocab_gguf(bundle: Bundle) -> Path:
+    return bundle.path(_vocab_artifact(bundle))
 
 
 def _decoder(bundle: Bundle, a: Artifact, n_ctx: int, n_batch: int, n_threads: int | None,
@@ -84,14 +89,18 @@ def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None
     dec_a = _choose(bundle, "decoder", decoder, DECODER_PREFERENCE)
     enc_a = None if text_only else _choose(bundle, "encoder", encoder, ENCODER_PREFERENCE)
     chosen = [a for a in (dec_a, enc_a) if a is not None]
+    if dec_a.format == "onnx" or (enc_a is not None and enc_a.format == "gguf"):
+        vocab = _vocab_artifact(bundle)  # its vocabulary tokenizes (and mtmd reads it): verify it too
+        chosen += [] if vocab in chosen else [vocab]
     if verify:
         bundle.verify(chosen)
     else:
         log.warning("integrity check skipped (--no-verify): artifacts are used without re-hashing")
     tpi = int(cfg["tokens_per_image"])
     n_batch = max(512, tpi)
-    kv_bytes = 4 if dec_a.precision == "f32" else 2
-    need = memory.estimate(cfg, sum(a.size for a in chosen), n_ctx, n_batch, kv_bytes, enc_a is not None)
+    kv_bytes = 4 if dec_a.precision == "f32" or dec_a.format == "onnx" else 2  # ONNX keeps an fp32 cache
+    weights = sum(a.size for a in (dec_a, enc_a) if a is not None)
+    need = memory.estimate(cfg, weights, n_ctx, n_batch, kv_bytes, enc_a is not None)
     memory.preflight(need, memory_limit, force, str(bundle.dir))
     dec = _decoder(bundle, dec_a, n_ctx, n_batch, n_threads, providers)
     if dec.n_embd != cfg["text"]["hidden_size"] or dec.n_vocab != cfg["text"]["vocab_size"]:

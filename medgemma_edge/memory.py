@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 GiB = float(1 << 30)
 
 
-def available_bytes() -> int:
-    """Memory the OS can give us now (Linux MemAvailable; elsewhere free physical pages)."""
+def available_bytes() -> int | None:
+    """Memory the OS can give us now (Linux MemAvailable; elsewhere free physical pages; None if unknown)."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -25,7 +25,10 @@ def available_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, AttributeError, OSError):  # macOS lacks the name, Windows lacks sysconf
+        return None
 
 
 def estimate(config: dict[str, Any], weights_bytes: int, n_ctx: int, n_batch: int, kv_bytes: int,
@@ -47,6 +50,10 @@ def estimate(config: dict[str, Any], weights_bytes: int, n_ctx: int, n_batch: in
 def preflight(parts: dict[str, int], limit: int | None, force: bool, what: str) -> None:
     need = sum(parts.values())
     have = available_bytes() if limit is None else limit
+    if have is None:
+        log.warning("cannot tell how much memory is available here; pass --memory-limit GiB to check the %.2f GiB "
+                    "this load needs", need / GiB)
+        return
     detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items())
     log.info("memory estimate for %s: %.2f GiB (%s) of %.2f GiB available", what, need / GiB, detail, have / GiB)
     if need > have:

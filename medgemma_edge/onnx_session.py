@@ -21,7 +21,8 @@ def provider_names(short: list[str]) -> list[str]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    names = [SHORT_NAMES.get(s.lower(), s) for s in short]
+    by_lower = {a.lower(): a for a in available}
+    names = [SHORT_NAMES.get(s.lower()) or by_lower.get(s.lower(), s) for s in short]
     missing = [n for n in names if n not in available]
     if missing:
         raise UserError(f"--providers: {missing[0]} is not available in this onnxruntime (available: {', '.join(available)}); "

@@ -8,7 +8,7 @@ the KV cache is reused up to where the new prompt differs (normally: the new tur
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from medgemma_edge.chat import Turn, render_conversation
@@ -29,21 +29,21 @@ class ChatSession:
 
     def ask(self, text: str, images: Sequence[ImageInput] = (), stream: bool = False,
             **sampling: Any) -> "GenerationResult | Generation":
-        """Add a user turn (with optional new images) and answer it; the answer joins the history."""
-        self.turns.append(Turn("user", text, len(images)))
-        self.images += list(images)
-        parts = render_conversation(self.turns, self.system)
-        gen = self.pipeline.run(parts, self.images, stream=True, **sampling)
+        """Answer a user turn (with optional new images). The question and its answer join the history
+        only once the answer is complete: a failed or abandoned turn leaves the session as it was."""
+        turn, new_images = Turn("user", text, len(images)), list(images)
+        parts = render_conversation([*self.turns, turn], self.system)
+        gen = self.pipeline.run(parts, [*self.images, *new_images], stream=True, **sampling)
+        recorded = _Recorded(gen, self, turn, new_images)
         if stream:
-            return _Recorded(gen, self)  # type: ignore[return-value]
-        for _ in gen:  # type: ignore[union-attr]
+            return recorded  # type: ignore[return-value]
+        for _ in recorded:
             pass
-        self._answered(gen.result)  # type: ignore[union-attr]
-        return gen.result  # type: ignore[union-attr, return-value]
+        return recorded.result  # type: ignore[return-value]
 
-    def _answered(self, result: "GenerationResult | None") -> None:
-        if result is not None:
-            self.turns.append(Turn("model", result.text))
+    def _answered(self, turn: Turn, images: list[ImageInput], result: "GenerationResult") -> None:
+        self.turns += [turn, Turn("model", result.text)]
+        self.images += images
 
     def reset(self) -> None:
         """Forget the conversation (cached image embeddings stay: they depend only on pixels)."""
@@ -53,11 +53,12 @@ class ChatSession:
 class _Recorded:
     """A streamed answer that joins the session's history once fully read."""
 
-    def __init__(self, gen: "Generation", session: ChatSession) -> None:
-        self._gen, self._session = gen, session
+    def __init__(self, gen: "Generation", session: ChatSession, turn: Turn, images: list[ImageInput]) -> None:
+        self._gen, self._session, self._turn, self._images = gen, session, turn, images
         self.result: "GenerationResult | None" = None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         yield from self._gen
         self.result = self._gen.result
-        self._session._answered(self.result)
+        if self.result is not None:
+            self._session._answered(self._turn, self._images, self.result)

@@ -219,3 +219,12 @@ def test_run_json_happy_path(tiny_bundle: Path, xray_png: Path) -> None:
     assert out["tokens"]["image"] > 0 and 0 <= out["tokens"]["generated"] <= 4, out["tokens"]
     for key in TIMINGS:
         assert isinstance(out["timings"][key], (int, float)) and out["timings"][key] >= 0, (key, out["timings"])
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_bundle(tiny_ckpt: Path, tmp_path: Path) -> None:
+    documents = tmp_path / "Documents"
+    documents.mkdir()
+    (documents / "report.txt").write_text("precious")
+    assert_one_line_error(run_cli("convert", tiny_ckpt, "-o", documents, "--gguf", "q8_0", "--mmproj", "", "--overwrite"),
+                          documents)
+    assert (documents / "report.txt").read_text() == "precious"

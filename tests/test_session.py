@@ -68,3 +68,16 @@ def test_chat_cli(tiny_bundle: Path, xray_png: Path) -> None:
     assert "[new conversation]" in out.stderr
     reuse = [line for line in out.stderr.splitlines() if "tokens reused" in line]
     assert len(reuse) == 3 and "(0 tokens reused)" in reuse[0] and "(0 tokens reused)" not in reuse[1]
+
+
+def test_a_failed_turn_leaves_the_session_as_it_was(tiny_bundle: Path, xray_png: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(xray_png.read_bytes()[:200])  # a truncated PNG
+    pipe = _pipe(tiny_bundle)
+    session = pipe.chat(system=SYSTEM)
+    session.ask("Describe this X-ray", images=[xray_png], max_new_tokens=4)
+    with pytest.raises(medgemma_edge.UserError, match="broken.png"):
+        session.ask("And this one?", images=[broken], max_new_tokens=4)
+    assert len(session.turns) == 2 and session.images == [xray_png]
+    follow_up = session.ask("Any effusion?", max_new_tokens=4)
+    assert follow_up.reused_tokens > 0 and len(session.turns) == 4
