@@ -92,6 +92,7 @@ DECODER_BOUNDS: dict[str, tuple[float, float]] = {
 # Extra mean KL an image encoder may add on top of its decoder's bound.
 ENCODER_BOUNDS: dict[str, float] = {
     "gguf:f32": 1e-4, "gguf:f16": 1e-3, "gguf:q8_0": 0.02, "onnx:fp32": 1e-4, "onnx:fp16": 1e-3, "onnx:int8": 0.05,
+    "onnx:int8_static": 0.05,
 }
 
 

@@ -238,10 +238,10 @@ def info(bundle_dir: Path, no_verify: bool, as_json: bool) -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--gguf", default="f16,q4_k_m", show_default=True, help="Decoder precisions: f32,f16,bf16,q8_0,q4_0,q4_k_m.")
 @click.option("--mmproj", default="f16", show_default=True, help="llama.cpp vision encoder precisions: f32,f16,q8_0.")
-@click.option("--onnx-vision", default="", help="ONNX Runtime vision encoder precisions: fp32,fp16,int8.")
+@click.option("--onnx-vision", default="", help="ONNX Runtime vision encoder precisions: fp32,fp16,int8 (dynamic),int8_static.")
 @click.option("--onnx-decoder", default="", help="ONNX Runtime decoder precisions: fp32,int8,int4 (weight-only).")
 @click.option("--calibration-images", type=click.Path(path_type=Path), default=None,
-              help="Folder of PNG/JPEG/DICOM images: makes --onnx-vision int8 static (QDQ) instead of dynamic.")
+              help="Folder of representative PNG/JPEG/DICOM images to calibrate --onnx-vision int8_static (QDQ).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (atomically, only once the new one is complete).")
 def convert(checkpoint_dir: Path, out_dir: Path, gguf: str, mmproj: str, onnx_vision: str, onnx_decoder: str,
             calibration_images: Path | None, overwrite: bool) -> None:

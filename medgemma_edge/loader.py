@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # affordable first for the encoder (vision is where quantization hurts most).
 DECODER_PREFERENCE = ("gguf:q4_k_m", "gguf:q8_0", "gguf:q4_0", "gguf:f16", "gguf:bf16", "gguf:f32",
                       "onnx:int4", "onnx:int8", "onnx:fp32")
-ENCODER_PREFERENCE = ("gguf:f16", "onnx:int8", "gguf:q8_0", "onnx:fp16", "gguf:f32", "onnx:fp32")
+ENCODER_PREFERENCE = ("gguf:f16", "onnx:int8_static", "onnx:int8", "gguf:q8_0", "onnx:fp16", "gguf:f32", "onnx:fp32")
 
 
 def _choose(bundle: Bundle, kind: str, asked: str | None, preference: tuple[str, ...]) -> Artifact:
