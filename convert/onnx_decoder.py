@@ -130,7 +130,11 @@ def write_onnx_decoder(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precisio
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
         q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=BLOCK_SIZE, is_symmetric=True)
         q.process()
-        onnx.save_model(q.model.model, str(out))
+        model = q.model.model
+        # a protobuf cannot exceed 2 GB: larger graphs keep their weights in one `<file>.data` beside them
+        large = sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000  # ByteSize() fails past 2 GB
+        onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location=out.name + ".data")
         fp32.unlink()
         recipe.update({"quantizer": "onnxruntime MatMulNBitsQuantizer", "bits": bits, "block_size": BLOCK_SIZE,
                        "symmetric": True, "weight_only": True})
