@@ -7,7 +7,6 @@ Names are normalised to three canonical namespaces so the converters never see p
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ import numpy as np
 from medgemma_edge.bundle import sha256_file
 from medgemma_edge.errors import UserError
 
-log = logging.getLogger(__name__)
 
 # Ordered longest-first: the published layout (transformers 4.50), then what newer versions save.
 _PREFIXES: tuple[tuple[str, str], ...] = (

@@ -4,7 +4,6 @@ derived from it by llama.cpp's own quantizer so the bytes match what llama.cpp u
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 
 import gguf
@@ -14,7 +13,6 @@ from convert.gguf_common import Q, TensorJob, add_one, write_gguf
 from convert.spec import MedGemmaSpec
 from medgemma_edge.errors import UserError
 
-log = logging.getLogger(__name__)
 
 _T = gguf.MODEL_TENSOR
 _N = gguf.TENSOR_NAMES

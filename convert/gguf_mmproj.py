@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import gguf
@@ -12,7 +11,6 @@ from convert.gguf_common import Q, TensorJob, add_one, write_gguf
 from convert.spec import MedGemmaSpec
 from medgemma_edge.errors import UserError
 
-log = logging.getLogger(__name__)
 
 # canonical checkpoint name -> mmproj tensor (names from llama.cpp tools/mtmd/clip-impl.h).
 MMPROJ_TENSORS: dict[str, str] = {

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +16,6 @@ from PIL import Image
 from medgemma_edge.errors import UserError
 from medgemma_edge.pipeline import NOTICE, GenerationResult
 from medgemma_edge.preprocess import ImageInput
-
-log = logging.getLogger(__name__)
 
 
 def input_sha256(image: ImageInput) -> str:

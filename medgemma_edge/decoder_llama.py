@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,6 @@ import numpy as np
 from medgemma_edge.errors import UserError
 from medgemma_edge.gguf_header import read_gguf_header
 from medgemma_edge.native import quiet_llama
-
-log = logging.getLogger(__name__)
 
 
 class LlamaDecoder:

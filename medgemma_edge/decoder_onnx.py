@@ -7,7 +7,6 @@ the same rule as transformers: (causal and within the window) or (same image).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ from medgemma_edge.decoder_llama import LlamaDecoder
 from medgemma_edge.errors import UserError
 from medgemma_edge.onnx_session import make_session
 
-log = logging.getLogger(__name__)
 NEG = np.float32(-1e30)  # additive mask value: exp() underflows to 0 without producing NaN
 
 

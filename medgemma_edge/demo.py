@@ -7,7 +7,6 @@ shows is that synth -> convert -> verify -> encode -> decode works here, offline
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -17,7 +16,6 @@ from PIL import Image
 from medgemma_edge.bundle import MANIFEST
 from medgemma_edge.pipeline import NOTICE
 
-log = logging.getLogger(__name__)
 
 BANNER = "DEMO ON RANDOM WEIGHTS: a tiny synthetic model, so the answer below is meaningless by design."
 

@@ -7,7 +7,6 @@ square size (preprocess.py), where its own resize is a plain copy, so it sees wh
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,6 @@ import numpy as np
 from medgemma_edge.errors import UserError
 from medgemma_edge.gguf_header import read_gguf_header
 from medgemma_edge.native import quiet_llama
-
-log = logging.getLogger(__name__)
 
 
 class MtmdEncoder:

@@ -8,11 +8,10 @@ what was already evaluated.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import numpy as np
 
@@ -21,7 +20,9 @@ from medgemma_edge.errors import UserError
 from medgemma_edge.preprocess import ImageInput, resize_square
 from medgemma_edge.sampling import sample
 
-log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from medgemma_edge.session import ChatSession
 
 NOTICE = "Research use only: not for clinical diagnosis (MedGemma model card, intended use)."
 

@@ -7,7 +7,6 @@ the KV cache is reused up to where the new prompt differs (normally: the new tur
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +15,6 @@ from medgemma_edge.preprocess import ImageInput
 
 if TYPE_CHECKING:
     from medgemma_edge.pipeline import Generation, GenerationResult, Pipeline
-
-log = logging.getLogger(__name__)
 
 
 class ChatSession:
