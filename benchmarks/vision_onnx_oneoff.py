@@ -127,7 +127,7 @@ class LevelEncoder:
     def encode(self, image: np.ndarray) -> np.ndarray:
         from medgemma_edge.encoder_onnx import normalise
 
-        return self.session.run(None, {"pixel_values": normalise(image[None])})[0][0]
+        return self.session.run(None, {"pixel_values": normalise(image[None])})[0][0].copy()  # unpin the arena
 
 
 def time_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,7 +192,7 @@ def time_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(res: dict[str, Any]) -> str:
     c = res["cpu"]
-    lines = [f"# Full-size vision encoder (SigLIP-400M + projector, 896x896 -> 256 x 2560), CPU",
+    lines = ["# Full-size vision encoder (SigLIP-400M + projector, 896x896 -> 256 x 2560), CPU",
              "", f"CPU: {c['model']}, {c['cores']} cores, {c['mem_total_gb']} GB RAM; SIMD: {' '.join(c['simd'])}",
              f"onnxruntime {res['onnxruntime']}; threads = {res['threads']}; 1 warm-up + {res['reps']} reps; "
              f"weights: synthetic MedGemma 4B checkpoint (speed does not depend on values)", "",
@@ -214,7 +214,21 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{r['load_s']:.1f} | {e['loadavg_1m'][0]} / {e['loadavg_1m'][1]} | {val} | {vs[0]} | {vs[1]} |")
     lines += ["", f"Export + torch reference (3 images) + fusion: {res['setup_s']} s; peak RSS: export phase "
               f"{res['export_peak_rss_gb']} GB, timing phase {res['timing_peak_rss_gb']} GB.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + summary(res["rows"]))
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Ratios the issue asks about, computed from the table (nothing typed by hand)."""
+    t = {r["encoder"]: r["encode"]["mean_s"] for r in rows if "encode" in r}
+    pairs = [("ORT-fused vs plain export, fp32 (session ALL)", "onnx fp32 (ORT-fused)", "onnx fp32 (plain export)"),
+             ("ORT-fused vs plain export, int8 dynamic", "onnx int8 dynamic (ORT-fused)", "onnx int8 dynamic (plain export)"),
+             ("int8 dynamic vs fp32 (both fused)", "onnx int8 dynamic (ORT-fused)", "onnx fp32 (ORT-fused)"),
+             ("int8 static vs fp32 (both fused)", "onnx int8 static QDQ (ORT-fused)", "onnx fp32 (ORT-fused)"),
+             ("ONNX fp32 fused vs mtmd F16", "onnx fp32 (ORT-fused)", "llama.cpp mtmd F16"),
+             ("ONNX int8 dynamic fused vs mtmd F16", "onnx int8 dynamic (ORT-fused)", "llama.cpp mtmd F16")]
+    out = ["## Ratios (encode time, lower is faster)", ""]
+    out += [f"- {name}: {t[a]:.2f} s / {t[b]:.2f} s = {t[a] / t[b]:.2f}x" for name, a, b in pairs if a in t and b in t]
+    return out + [""]
 
 
 def main() -> None:
@@ -230,22 +244,26 @@ def main() -> None:
                     help="extra ORT session optimisation levels to time the fp32 graphs at (ALL is the runtime's)")
     ap.add_argument("--only", nargs="*", help="substrings of variant labels to run (default: all)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--phase", choices=["all", "export", "time"], default="all",
+    ap.add_argument("--phase", choices=["all", "export", "time", "report"], default="all",
                     help="export: write variants (torch); time: time what --workdir holds (no torch); all: both, "
-                         "timing in a fresh process so the exporter's memory and threads do not skew it")
+                         "timing in a fresh process so the exporter's memory and threads do not skew it; "
+                         "report: re-render the markdown from the JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.phase in ("all", "export"):
         export(args)
     if args.phase == "all":
         subprocess.run([sys.executable, __file__, *sys.argv[1:], "--phase", "time"], check=True)
-    if args.phase != "time":
+    if args.phase not in ("time", "report"):
         return
-    res = time_all(args)
-    c = res["cpu"]
+    c = cpu_info()
     stem = f"vision-oneoff-{re.sub(r'[^a-z0-9]+', '-', c['model'].lower()).strip('-')}-{c['cores']}c"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    if args.phase == "time":
+        res = time_all(args)
+        (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    else:
+        res = json.loads((args.out / f"{stem}.json").read_text())
     (args.out / f"{stem}.md").write_text(markdown(res))
     log.info("wrote %s", args.out / f"{stem}.md")
 

@@ -74,7 +74,9 @@ class OnnxEncoder:
         pixels = normalise(images).astype(self._dtype, copy=False)
         out = self._session.run(None, {self._input: pixels})[0]
         self._check(out.shape[1], out.shape[2])
-        return out.astype(np.float32, copy=False)
+        # a copy: ORT's output arrays are views that keep the session's memory arena alive (GBs at 896)
+        # for as long as the caller caches them
+        return np.array(out, dtype=np.float32)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """image: [S, S, 3] uint8 -> embeddings [tokens, n_embd] float32."""
