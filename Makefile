@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --progress-bar off torch==2.13.0
-	$(BIN)/pip install --progress-bar off -e '.[convert,dicom,dev]'
+	$(BIN)/pip install --progress-bar off -e '.[convert,dicom,bench,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -93,6 +93,12 @@ def _positions(atoms: Sequence[Atom]) -> int:
     return sum(len(a) if isinstance(a, ImageSpan) else 1 for a in atoms)
 
 
+def _count(tally: dict[str, float] | None, kind: str, n: int, t0: float) -> None:
+    if tally is not None:
+        tally[f"{kind}_s"] = tally.get(f"{kind}_s", 0.0) + time.perf_counter() - t0
+        tally[f"{kind}_n"] = tally.get(f"{kind}_n", 0) + n
+
+
 class Pipeline:
     def __init__(self, decoder: Decoder, encoder: ImageEncoder | None, *, image_size: int, tokens_per_image: int,
                  eos_ids: Sequence[int], info: dict[str, Any], detokenizer: Any) -> None:
@@ -133,23 +139,30 @@ class Pipeline:
             atoms += self.decoder.tokenize(part) if isinstance(part, str) else [spans[part.index]]
         return atoms
 
-    def _eval(self, atoms: Sequence[Atom], all_logits: bool) -> np.ndarray:
-        """Evaluate atoms after what the KV cache holds: token runs causally, image spans bidirectionally."""
+    def _eval(self, atoms: Sequence[Atom], all_logits: bool, tally: dict[str, float] | None = None) -> np.ndarray:
+        """Evaluate atoms after what the KV cache holds: token runs causally, image spans bidirectionally.
+
+        `tally` accumulates seconds and positions per kind ("text_s", "text_n", "image_s", "image_n").
+        """
         outs: list[np.ndarray] = []
         run: list[int] = []
         for atom in [*atoms, None]:
             if isinstance(atom, int):
                 run.append(atom)
                 continue
+            t0 = time.perf_counter()
             if run:
                 outs.append(self.decoder.eval_tokens(run, all_logits))
+                _count(tally, "text", len(run), t0)
                 run = []
+            t0 = time.perf_counter()
             if isinstance(atom, ImageSpan):
                 outs.append(self.decoder.eval_embeddings(atom.embeddings, all_logits))
+                _count(tally, "image", len(atom), t0)
         self._kv += list(atoms)
         return np.concatenate([o for o in outs if len(o)])
 
-    def _sync(self, atoms: list[Atom]) -> tuple[np.ndarray, int]:
+    def _sync(self, atoms: list[Atom], tally: dict[str, float] | None = None) -> tuple[np.ndarray, int]:
         """Bring the KV cache to `atoms`, reusing the longest shared prefix; returns last logits and reuse."""
         keep = 0
         for old, new in zip(self._kv, atoms[:-1]):  # the last atom is always evaluated: we need its logits
@@ -158,7 +171,7 @@ class Pipeline:
             keep += 1
         self.decoder.truncate(_positions(atoms[:keep]))
         self._kv = self._kv[:keep]
-        return self._eval(atoms[keep:], all_logits=False), _positions(atoms[:keep])
+        return self._eval(atoms[keep:], all_logits=False, tally=tally), _positions(atoms[:keep])
 
     @staticmethod
     def _ids(atoms: Sequence[Atom]) -> list[int]:
@@ -186,19 +199,21 @@ class Pipeline:
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str, images: Sequence[ImageInput] = (), system: str | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stream: bool = False, raw: bool = False) -> GenerationResult | Generation:
+                 seed: int | None = None, stream: bool = False, raw: bool = False,
+                 ignore_eos: bool = False) -> GenerationResult | Generation:
         """Answer one user turn (or continue `prompt` verbatim with raw=True).
 
         `stream=True` returns a Generation to iterate for text pieces; its `.result` is set at the end.
+        `ignore_eos` generates exactly `max_new_tokens` (benchmarks time a fixed number of tokens).
         """
         parts = self._parts(prompt, len(images), system, raw)
-        return self.run(parts, list(images), max_new_tokens, temperature, top_p, top_k, seed, stream)
+        return self.run(parts, list(images), max_new_tokens, temperature, top_p, top_k, seed, stream, ignore_eos)
 
     def run(self, parts: list[Part], images: list[ImageInput], max_new_tokens: int = 256, temperature: float = 0.0,
-            top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stream: bool = False
-            ) -> GenerationResult | Generation:
+            top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stream: bool = False,
+            ignore_eos: bool = False) -> GenerationResult | Generation:
         """Generate after an already rendered prompt (a chat session renders whole conversations)."""
-        gen = Generation(self._generate(parts, images, max_new_tokens, temperature, top_p, top_k, seed))
+        gen = Generation(self._generate(parts, images, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos))
         if stream:
             return gen
         for _ in gen:
@@ -212,12 +227,13 @@ class Pipeline:
         return ChatSession(self, system)
 
     def _generate(self, parts: list[Part], images: list[ImageInput], max_new_tokens: int, temperature: float,
-                  top_p: float, top_k: int, seed: int | None) -> Iterator[str]:
+                  top_p: float, top_k: int, seed: int | None, ignore_eos: bool) -> Iterator[str]:
         t0 = time.perf_counter()
         spans = self.encode_images(images)
         t_enc = time.perf_counter()
         atoms = self._atoms(parts, spans)
-        logits, reused = self._sync(atoms)
+        tally: dict[str, float] = {}
+        logits, reused = self._sync(atoms, tally)
         t_prefill = time.perf_counter()
         rng = np.random.default_rng(seed)
         detok = self._detokenizer()
@@ -230,7 +246,7 @@ class Pipeline:
             tok = sample(row, rng, temperature, top_k, top_p)
             if step == 0:
                 t_first = time.perf_counter()
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not ignore_eos:
                 stop = "eos"
                 break
             out.append(tok)
@@ -249,6 +265,8 @@ class Pipeline:
             "image_encode_ms": (t_enc - t0) * 1e3,
             "prefill_ms": (t_prefill - t_enc) * 1e3,
             "prefill_tokens_per_s": (n_prompt - reused) / max(t_prefill - t_enc, 1e-9),
+            **{f"prefill_{kind}_tokens_per_s": tally.get(f"{kind}_n", 0) / max(tally.get(f"{kind}_s", 0.0), 1e-9)
+               for kind in ("text", "image") if tally.get(f"{kind}_n")},
             "time_to_first_token_ms": (t_first - t0) * 1e3,
             "decode_tokens_per_s": (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
         }
