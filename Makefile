@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean bench-suite backend
 
 venv: $(STAMP)
 
@@ -23,6 +23,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# the standard benchmark suite on full-size synthetic MedGemma 4B (about an hour on 2 cores; see benchmarks/)
+bench-suite: $(STAMP)
+	$(BIN)/python benchmarks/suite.py
+
+# llama.cpp built for this workstation (BACKEND=cpu|cuda|vulkan|metal); see README "Build the backend"
+BACKEND ?= cpu
+backend: $(STAMP)
+	cmake -S . -B build/native -G Ninja -DMEDGEMMA_BACKEND=$(BACKEND) -DMEDGEMMA_PYTHON=$(abspath $(BIN))/python
+	cmake --build build/native
+	ctest --test-dir build/native --output-on-failure
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -40,10 +40,9 @@ class LlamaCppBaseline:
     """One llama.cpp context plus one mtmd context over the same GGUF files as our all-GGUF combination."""
 
     def __init__(self, decoder_gguf: Path, mmproj: Path, n_ctx: int = 4096, n_threads: int | None = None) -> None:
+        quiet_llama()  # first: it turns a library load failure into a clear error
         import llama_cpp
         from llama_cpp import mtmd_cpp
-
-        quiet_llama()
         self._ll, self._mt = llama_cpp, mtmd_cpp
         self._model = llama_cpp.llama_model_load_from_file(str(decoder_gguf).encode(),
                                                            llama_cpp.llama_model_default_params())

@@ -22,9 +22,8 @@ class LlamaDecoder:
 
     def __init__(self, path: Path, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
                  kv_f32: bool = False, n_gpu_layers: int = 0, vocab_only: bool = False) -> None:
+        quiet_llama()  # first: it turns a library load failure into a clear error
         import llama_cpp
-
-        quiet_llama()
         self._ll = llama_cpp
         self.path = path
         arch = read_gguf_header(path).get("general.architecture")

@@ -21,10 +21,9 @@ class MtmdEncoder:
 
     def __init__(self, mmproj: Path, vocab_gguf: Path, n_embd: int, n_threads: int | None = None,
                  use_gpu: bool = False) -> None:
+        quiet_llama()  # first: it turns a library load failure into a clear error
         import llama_cpp
         from llama_cpp import mtmd_cpp
-
-        quiet_llama()
         self._ll, self._mt = llama_cpp, mtmd_cpp
         self.path = mmproj
         header = read_gguf_header(mmproj)

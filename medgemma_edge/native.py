@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import logging
 
+from medgemma_edge.errors import UserError
+
 log = logging.getLogger("medgemma_edge.native")
 # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error (5 continues the previous message). Every failure
 # also surfaces as our own UserError, so llama.cpp's lines are details for --verbose only.
@@ -37,8 +39,13 @@ def quiet_llama() -> None:
     """Initialise the llama.cpp backend once and route its logs (llama and mtmd) to logging."""
     if _state:
         return
-    import llama_cpp
-    from llama_cpp import mtmd_cpp
+    try:
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+    except (OSError, RuntimeError) as exc:  # llama-cpp-python loads its libraries at import
+        raise UserError(f"llama.cpp's shared libraries failed to load ({exc}); check LLAMA_CPP_LIB_PATH and "
+                        f"MTMD_CPP_LIB (each a folder holding libllama / libmtmd) or unset them; "
+                        f"`medgemma-edge doctor` shows what is loaded") from exc
 
     callback = _make_callback(llama_cpp)
     _state["callback"] = callback  # keep the ctypes callback alive for the process lifetime

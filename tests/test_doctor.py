@@ -108,6 +108,17 @@ def test_lib_path_env_without_libllama_is_reported(tmp_path: Path) -> None:
     assert "cannot load" in res.stdout
 
 
+def test_run_with_a_wrong_lib_path_is_one_line(tmp_path: Path) -> None:
+    """`run` imports llama.cpp at load time: a wrong folder must be a clear error, not a traceback."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # never read: the libraries fail first
+    clean = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
+    res = subprocess.run([str(CLI), "run", "--decoder-gguf", str(gguf), "--raw", "hi"], capture_output=True,
+                         text=True, timeout=TIMEOUT_S, env={**clean, "LLAMA_CPP_LIB_PATH": str(tmp_path)})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "LLAMA_CPP_LIB_PATH" in res.stderr and "doctor" in res.stderr
+
+
 def test_mtmd_lib_given_a_file_is_reported(fp: dict[str, Any]) -> None:
     mtmd = fp["llama_cpp"]["mtmd_library"]
     res = doctor(env={"MTMD_CPP_LIB": mtmd})

@@ -1,0 +1,74 @@
+"""The standard benchmark suite: full-size synthetic MedGemma 4B, every precision, on the machine at hand.
+
+    make bench-suite            # or: .venv/bin/python benchmarks/suite.py [--reps 3 --warmup 1 --validate]
+
+1. `medgemma-edge synth --size 4b` (random weights in the published layout: speed does not depend on values);
+2. `medgemma-edge convert` with every precision the suite compares;
+3. `medgemma-edge bench` over the combinations below, llama.cpp's own path and transformers fp32 included,
+   with 1/2/4-image scaling;
+4. optionally `medgemma-edge validate` against the checkpoint;
+5. results copied to benchmarks/results/<hardware>/ (JSON, markdown, PNG).
+
+Needs ~45 GB of disk under --work and ~20 GB of RAM (the transformers fp32 baseline); about an hour on 2 cores.
+Steps 1-2 are skipped when their output exists, so a re-run only re-measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [str(Path(sys.executable).with_name("medgemma-edge"))]
+CONVERT = ["--gguf", "q4_k_m,q8_0", "--mmproj", "f16,q8_0", "--onnx-vision", "fp32,fp16,int8,int8_static"]
+COMBOS = ("llama.cpp:f16+q4_k_m,gguf:f16+gguf:q4_k_m,onnx:int8+gguf:q4_k_m,onnx:int8_static+gguf:q4_k_m,"
+          "onnx:fp32+gguf:q4_k_m,onnx:fp16+gguf:q4_k_m,gguf:q8_0+gguf:q4_k_m,onnx:int8+gguf:q8_0,transformers:fp32")
+SCALING_COMBOS = "llama.cpp:f16+q4_k_m,onnx:int8+gguf:q4_k_m"
+NOTE = "SYNTHETIC random weights in MedGemma 4B's exact shapes: speed and memory are real, answers are not"
+
+
+def sh(*args: str | Path) -> None:
+    print("+", " ".join(map(str, args)), file=sys.stderr, flush=True)
+    subprocess.run([*map(str, args)], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-suite", help="checkpoint + bundle folder")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    # one figure for every backend: llama.cpp's and mtmd's own defaults (4) oversubscribe a 2-core machine
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every backend (default: every core)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--validate", action="store_true", help="also run `validate` on the 4B bundle (~20 GB RAM)")
+    args = ap.parse_args()
+
+    from medgemma_edge.demo import sample_image
+    from medgemma_edge.hardware import fingerprint, slug
+
+    ckpt, bundle, calib = args.work / "ckpt4b", args.work / "bundle4b", args.work / "calibration"
+    if not (ckpt / "config.json").is_file():
+        sh(*CLI, "synth", ckpt, "--size", "4b")
+    if not (bundle / "manifest.json").is_file():
+        calib.mkdir(parents=True, exist_ok=True)
+        for i in range(3):  # int8_static ranges; ORT's calibration holds every activation of each image
+            sample_image(calib / f"calib-{i}.png", size=(1024 - 40 * i, 900 + 20 * i), seed=100 + i)
+        sh(*CLI, "convert", ckpt, "-o", bundle, *CONVERT, "--calibration-images", calib)
+    out = REPO / "benchmarks" / "results" / f"{slug(fingerprint())}-4b"
+    sh(*CLI, "bench", "--bundle", bundle, "--combos", COMBOS, "--scaling", "1,2,4", "--scaling-combos",
+       SCALING_COMBOS, "--reference", ckpt, "--reps", str(args.reps), "--warmup", str(args.warmup),
+       "--new-tokens", str(args.new_tokens), "--note", NOTE, "--out", out, "--threads", str(args.threads))
+    shutil.rmtree(out / "inputs", ignore_errors=True)  # regenerated synthetic images: not results
+    if args.validate:
+        sh(*CLI, "validate", "--bundle", bundle, "--reference", ckpt, "--max-new-tokens", "8")
+        latest = max((bundle / "validation").iterdir())
+        shutil.copytree(latest, out / "validation", dirs_exist_ok=True)
+    print(f"results in {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
