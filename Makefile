@@ -30,10 +30,11 @@ bench-suite: $(STAMP)
 
 # llama.cpp built for this workstation (BACKEND=cpu|cuda|vulkan|metal); see README "Build the backend"
 BACKEND ?= cpu
+BUILD_DIR = $(if $(filter cpu,$(BACKEND)),build/native,build/$(BACKEND))
 backend: $(STAMP)
-	cmake -S . -B build/native -G Ninja -DMEDGEMMA_BACKEND=$(BACKEND) -DMEDGEMMA_PYTHON=$(abspath $(BIN))/python
-	cmake --build build/native
-	ctest --test-dir build/native --output-on-failure
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DMEDGEMMA_BACKEND=$(BACKEND) -DMEDGEMMA_PYTHON=$(abspath $(BIN))/python
+	cmake --build $(BUILD_DIR)
+	ctest --test-dir $(BUILD_DIR) --output-on-failure
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -24,9 +24,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [str(Path(sys.executable).with_name("medgemma-edge"))]
-CONVERT = ["--gguf", "q4_k_m,q8_0", "--mmproj", "f16,q8_0", "--onnx-vision", "fp32,fp16,int8,int8_static"]
-COMBOS = ("llama.cpp:f16+q4_k_m,gguf:f16+gguf:q4_k_m,onnx:int8+gguf:q4_k_m,onnx:int8_static+gguf:q4_k_m,"
-          "onnx:fp32+gguf:q4_k_m,onnx:fp16+gguf:q4_k_m,gguf:q8_0+gguf:q4_k_m,onnx:int8+gguf:q8_0,transformers:fp32")
+# Not in the suite: ONNX fp16 vision (a GPU precision; ORT's CPU kernels are fp32/int8), int8_static (its
+# calibration at 4B size was killed for memory at 24 GB on a 23 GB machine: see benchmarks/README.md) and
+# the ONNX decoder (its exporter traces the 4B text model in fp32, ~17 GB, before quantizing).
+CONVERT = ["--gguf", "q4_k_m,q8_0", "--mmproj", "f16,q8_0", "--onnx-vision", "fp32,int8"]
+COMBOS = ("llama.cpp:f16+q4_k_m,gguf:f16+gguf:q4_k_m,onnx:int8+gguf:q4_k_m,onnx:fp32+gguf:q4_k_m,"
+          "gguf:q8_0+gguf:q4_k_m,onnx:int8+gguf:q8_0,transformers:fp32")
 SCALING_COMBOS = "llama.cpp:f16+q4_k_m,onnx:int8+gguf:q4_k_m"
 NOTE = "SYNTHETIC random weights in MedGemma 4B's exact shapes: speed and memory are real, answers are not"
 
@@ -47,17 +50,13 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true", help="also run `validate` on the 4B bundle (~20 GB RAM)")
     args = ap.parse_args()
 
-    from medgemma_edge.demo import sample_image
     from medgemma_edge.hardware import fingerprint, slug
 
-    ckpt, bundle, calib = args.work / "ckpt4b", args.work / "bundle4b", args.work / "calibration"
+    ckpt, bundle = args.work / "ckpt4b", args.work / "bundle4b"
     if not (ckpt / "config.json").is_file():
         sh(*CLI, "synth", ckpt, "--size", "4b")
     if not (bundle / "manifest.json").is_file():
-        calib.mkdir(parents=True, exist_ok=True)
-        for i in range(3):  # int8_static ranges; ORT's calibration holds every activation of each image
-            sample_image(calib / f"calib-{i}.png", size=(1024 - 40 * i, 900 + 20 * i), seed=100 + i)
-        sh(*CLI, "convert", ckpt, "-o", bundle, *CONVERT, "--calibration-images", calib)
+        sh(*CLI, "convert", ckpt, "-o", bundle, *CONVERT)
     out = REPO / "benchmarks" / "results" / f"{slug(fingerprint())}-4b"
     sh(*CLI, "bench", "--bundle", bundle, "--combos", COMBOS, "--scaling", "1,2,4", "--scaling-combos",
        SCALING_COMBOS, "--reference", ckpt, "--reps", str(args.reps), "--warmup", str(args.warmup),
