@@ -37,16 +37,20 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def make_session(path: Path, providers: list[str] | None = None, n_threads: int | None = None) -> Any:
+def make_session(path: Path, providers: list[str] | None = None, n_threads: int | None = None,
+                 level: str = "ALL", spin: bool = True) -> Any:
+    """level: ORT graph optimisation (BASIC, EXTENDED, ALL); spin: let idle intra-op threads spin-wait."""
     import onnxruntime as ort
 
     if not path.is_file():
         raise UserError(f"{path}: ONNX file not found; re-run `medgemma-edge convert`")
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level}")
     opts.log_severity_level = 3  # ORT's warnings are ours to turn into clear errors
     if n_threads:
         opts.intra_op_num_threads = n_threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers or default_providers())
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for corrupt files
