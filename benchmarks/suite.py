@@ -9,7 +9,8 @@
 4. optionally `medgemma-edge validate` against the checkpoint;
 5. results copied to benchmarks/results/<hardware>/ (JSON, markdown, PNG).
 
-Needs ~45 GB of disk under --work and ~20 GB of RAM (the transformers fp32 baseline); about an hour on 2 cores.
+Needs ~45 GB of disk under --work and ~21 GB of RAM (the transformers fp32 baseline). On 2 cores: synth ~1 min,
+convert ~16 min, bench ~36 min, validate ~10 min (measured on the machine in results/amd-epyc-2c-4b).
 Steps 1-2 are skipped when their output exists, so a re-run only re-measures.
 """
 
@@ -34,9 +35,9 @@ SCALING_COMBOS = "llama.cpp:f16+q4_k_m,onnx:int8+gguf:q4_k_m"
 NOTE = "SYNTHETIC random weights in MedGemma 4B's exact shapes: speed and memory are real, answers are not"
 
 
-def sh(*args: str | Path) -> None:
+def sh(*args: str | Path, check: bool = True) -> int:
     print("+", " ".join(map(str, args)), file=sys.stderr, flush=True)
-    subprocess.run([*map(str, args)], check=True)
+    return subprocess.run([*map(str, args)], check=check).returncode
 
 
 def main() -> None:
@@ -63,7 +64,9 @@ def main() -> None:
        "--new-tokens", str(args.new_tokens), "--note", NOTE, "--out", out, "--threads", str(args.threads))
     shutil.rmtree(out / "inputs", ignore_errors=True)  # regenerated synthetic images: not results
     if args.validate:
-        sh(*CLI, "validate", "--bundle", bundle, "--reference", ckpt, "--max-new-tokens", "8")
+        # exit 4 (a bound missed) still leaves a report worth keeping next to the timings
+        if sh(*CLI, "validate", "--bundle", bundle, "--reference", ckpt, "--max-new-tokens", "4", check=False) not in (0, 4):
+            sys.exit("validate failed before writing a report")
         latest = max((bundle / "validation").iterdir())
         shutil.copytree(latest, out / "validation", dirs_exist_ok=True)
     print(f"results in {out}", file=sys.stderr)
