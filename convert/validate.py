@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from convert.checkpoint import Checkpoint
 from convert.onnx_vision import PRECISIONS as VISION_PRECISIONS
 from convert.onnx_vision import compare
 from convert.reference import DECODER_BOUNDS, ENCODER_BOUNDS, parity
 from convert.validation_inputs import (SYSTEM, Case, check_reference, find_images, make_cases, partner, preflight,
                                       read_prompts, select)
-from medgemma_edge.bundle import Artifact, Bundle, open_bundle, sha256_file
+from medgemma_edge.bundle import Artifact, Bundle, open_bundle
 from medgemma_edge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ class RefCase:
 
 
 # -- the reference ---------------------------------------------------------------------------------
-def reference_hashes(reference: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(reference.iterdir()) if p.is_file()}
-
-
 def run_reference(reference: Path, cases: list[Case], max_new_tokens: int, eos: set[int],
                   progress: bool) -> tuple[list[RefCase], dict[str, np.ndarray]]:
     """Prompt logits and greedy tokens per case, image features per image; the model is gone on return."""
@@ -259,7 +256,7 @@ def validate(bundle_dir: Path, reference: Path, images_dir: Path | None = None, 
             else:
                 rows.append(measure_encoder(bundle, a, best_dec, cases, refs, features, n_ctx, force))  # type: ignore[arg-type]
             gc.collect()
-    ref_files = reference_hashes(reference)
+    ref_files = Checkpoint(reference).file_hashes()  # the same provenance hashes the manifest's source holds
     failures = [f"{r['kind']} {r['artifact']}: {c['figure']} {_fmt(c['value'])} (bound {c['op']} {_fmt(c['bound'])})"
                 for r in rows for c in r["checks"] if c["passed"] is False]
     unbounded = sorted({f"{r['kind']} {r['artifact']}: {c['figure']}" for r in rows for c in r["checks"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,4 +168,14 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    """temp + fsync + os.replace: a reader sees the old manifest or the new one, never half of one."""
+    tmp = directory / f".{MANIFEST}.partial-{os.getpid()}"
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medgemma_edge.bundle import MANIFEST, open_bundle, sha256_file
+from medgemma_edge.bundle import MANIFEST, open_bundle, sha256_file, write_manifest
 from medgemma_edge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -194,24 +194,10 @@ def store(bundle_dir: Path, report: dict[str, Any]) -> Path:
     reports = manifest.get("reports") if isinstance(manifest.get("reports"), list) else []
     old = [r for r in reports if isinstance(r, dict) and r.get("kind") == "validation"]
     manifest["reports"] = [r for r in reports if r not in old] + [entry]
-    _replace_manifest(bundle_dir, manifest)
+    write_manifest(bundle_dir, manifest)
     _remove_old(bundle_dir, old, keep=folder)
     log.info("report in %s; the bundle id (manifest sha256) is now %s", folder, open_bundle(bundle_dir).manifest_sha256)
     return folder
-
-
-def _replace_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
-    """temp + fsync + os.replace: a reader sees the old manifest or the new one, never half of one."""
-    tmp = bundle_dir / f".{MANIFEST}.partial-{os.getpid()}"
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=False) + "\n")  # as bundle.write_manifest formats it
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, bundle_dir / MANIFEST)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _remove_old(bundle_dir: Path, old: list[dict[str, Any]], keep: Path) -> None:
