@@ -8,12 +8,12 @@ A subprocess is the only honest test of that: it sees exactly what a hospital en
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import linked_copy
 
 from medgemma_edge import open_bundle
 
@@ -97,8 +97,8 @@ def test_run_broken_decoder_gguf(make, tiny_bundle: Path, tmp_path: Path) -> Non
 
 # -- run --bundle: integrity and manifests ---------------------------------------------------------
 def test_tampered_artifact_is_refused_by_run_and_info(tiny_bundle: Path, tmp_path: Path) -> None:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)  # never tamper with the shared session bundle
+    # Never tamper with the shared session bundle: the victim is a real copy, the rest hard links.
+    bundle = linked_copy(tiny_bundle, tmp_path / "bundle", private=(_artifact_path(tiny_bundle, "decoder", "gguf:q8_0").name,))
     victim = _artifact_path(bundle, "decoder", "gguf:q8_0")
     with victim.open("r+b") as f:  # same size, one byte different: only the sha256 can tell
         f.seek(victim.stat().st_size // 2)
@@ -167,7 +167,7 @@ def test_convert_onto_non_empty_output(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 def test_convert_refuses_query_scale_llama_cpp_ignores(tiny_ckpt: Path, tmp_path: Path) -> None:
     src, out = tmp_path / "ckpt", tmp_path / "bundle"
-    shutil.copytree(tiny_ckpt, src)
+    linked_copy(tiny_ckpt, src)
     cfg = json.loads((src / "config.json").read_text())
     cfg["text_config"]["query_pre_attn_scalar"] = 2 * cfg["text_config"].get("head_dim", 256)
     (src / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import linked_copy
 
 import medgemma_edge
 from medgemma_edge import UserError
@@ -120,7 +121,7 @@ def test_mismatched_parts_are_refused(tiny_bundle: Path, tmp_path: Path) -> None
     other = synthesize(tmp_path / "other", size="tiny", seed=1, hidden_size=512)
     other_bundle = convert_checkpoint(other, tmp_path / "other-bundle", ["q8_0"], ["f16"], progress=False)
     mixed = tmp_path / "mixed"
-    shutil.copytree(tiny_bundle, mixed)
+    linked_copy(tiny_bundle, mixed, private=("mmproj-f16.gguf",))
     foreign = other_bundle.path(other_bundle.find("encoder", "gguf:f16"))
     shutil.copy(foreign, mixed / "mmproj-f16.gguf")
     manifest = json.loads((mixed / MANIFEST).read_text())

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import linked_copy
 
 from convert.reference import DECODER_BOUNDS
 from medgemma_edge.bundle import MANIFEST, open_bundle, sha256_file
@@ -31,14 +32,14 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 
 @pytest.fixture
 def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    return linked_copy(tiny_bundle, tmp_path / "bundle")
 
 
 @pytest.fixture(scope="module")
 def validated(tiny_bundle: Path, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
     """One run over every artifact (one JSON-listed prompt, text-only and with the built-in image)."""
     work = tmp_path_factory.mktemp("validated")
-    bundle = Path(shutil.copytree(tiny_bundle, work / "bundle"))
+    bundle = linked_copy(tiny_bundle, work / "bundle")
     (work / "prompts.json").write_text(json.dumps(["Describe this X-ray", "  "]))
     capture = pytest.MonkeyPatch()  # module scope has no capsys: run the CLI with stdout captured by hand
     out = io.StringIO()
@@ -97,7 +98,7 @@ def test_every_artifact_has_figures(validated: tuple[Path, int, str]) -> None:
 
 def test_rerun_replaces_the_report(validated: tuple[Path, int, str], tmp_path: Path, tiny_ckpt: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    bundle = Path(shutil.copytree(validated[0], tmp_path / "bundle"))
+    bundle = linked_copy(validated[0], tmp_path / "bundle")
     first = bundle / Path(_report(bundle)[0]["files"][0]["file"]).parent
     prompts, images = tmp_path / "prompts.txt", tmp_path / "images"
     prompts.write_text("Is there a pneumothorax?\n\n")
