@@ -32,6 +32,9 @@ class LlamaDecoder:
                             f"pass a decoder GGUF (an mmproj is an image encoder)")
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        # Read, not mmap: llama.cpp repacks most CPU weights into its own buffers, and a mapping would
+        # keep the file's pages resident beside them (4B Q4_K_M: 4.36 -> 2.94 GB RSS, load +0.8 s).
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         mparams.vocab_only = vocab_only  # the tokenizer alone (for other backends): metadata, no weights
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:

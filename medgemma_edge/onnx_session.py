@@ -3,6 +3,7 @@ thread count, graph optimisations, and one-line errors for files ONNX Runtime ca
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from pathlib import Path
 from typing import Any
@@ -56,5 +57,17 @@ def make_session(path: Path, providers: list[str] | None = None, n_threads: int 
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for corrupt files
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: ONNX Runtime cannot load this model ({first}); re-run `medgemma-edge convert`") from exc
+    release_freed_heap()
     log.info("%s on %s", path.name, session.get_providers())
     return session
+
+
+def release_freed_heap() -> None:
+    """Hand the heap ONNX Runtime freed while loading (the parsed protobuf) back to the OS.
+
+    glibc keeps it otherwise: 0.26 GB of the 4B int8 vision encoder's 1.16 GB peak. No-op off glibc.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -109,7 +110,10 @@ def test_recipe(exported, calib_dir: Path) -> None:
     fp32 = exported["fp32"][1]
     assert fp32["method"] is None and fp32["opset"] == 17 and fp32["files"] == ["vision-fp32.onnx"]
     assert fp32["input"] == {"name": "pixel_values", "dtype": "float32", "shape": ["n", 3, 64, 64]}
-    assert fp32["output"]["shape"] == ["n", 16, 256] and fp32["optimizer"]["fused"]["Attention"] == 2
+    assert fp32["output"]["shape"] == ["n", 16, 256] and fp32["optimizer"]["fused"]["MultiHeadAttention"] == 2
+    for precision, (path, _) in exported.items():  # the tiled attention kernel, never the one holding all scores
+        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        assert "MultiHeadAttention" in ops and "Attention" not in ops, precision
     assert exported["int8"][1]["method"] == "dynamic" and exported["int8"][1]["calibration"] is None
     static = exported["int8_static"][1]
     assert static["method"] == "static" and static["quantization"]["quant_format"] == "QDQ"
