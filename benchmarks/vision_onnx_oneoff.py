@@ -6,7 +6,7 @@
 Exports each ONNX variant from the checkpoint (sequentially: one 1.7 GB graph at a time), validates it
 against the torch module as the converter always does, then times one 896x896 encode through the
 runtime encoders (1 warm-up + N reps, fixed threads). Compares the plain TorchScript export with
-the ORT transformers optimizer's fused graph (Attention/SkipLayerNorm/FastGelu). Writes
+the converter's fused graph (ORT transformers optimizer: attention, SkipLayerNorm, FastGelu). Writes
 benchmarks/results/vision-oneoff-<cpu>-<cores>c.{json,md}.
 """
 
