@@ -132,24 +132,12 @@ def check(figure: str, value: float | None, bound: float | None, op: str) -> dic
 
 
 # -- the artifacts ---------------------------------------------------------------------------------
-class _QuietSkip(logging.Filter):
-    """Every artifact was hashed once up front; hide the per-load 'integrity check skipped' warning."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "integrity check skipped" not in record.getMessage()
-
-
 def _load(bundle: Bundle, decoder: Artifact, encoder: Artifact | None, n_ctx: int, force: bool) -> Any:
     from medgemma_edge.loader import load
 
-    loader_log = logging.getLogger("medgemma_edge.loader")
-    quiet = _QuietSkip()
-    loader_log.addFilter(quiet)
-    try:
-        return load(bundle.dir, encoder=encoder and encoder.id, decoder=decoder.id, text_only=encoder is None,
-                    n_ctx=n_ctx, verify=False, force=force)
-    finally:
-        loader_log.removeFilter(quiet)
+    # verify=False: every artifact was hashed once up front
+    return load(bundle.dir, encoder=encoder and encoder.id, decoder=decoder.id, text_only=encoder is None,
+                n_ctx=n_ctx, verify=False, force=force)
 
 
 def _logits(pipe: Any, case: Case, ref: RefCase) -> dict[str, float] | None:

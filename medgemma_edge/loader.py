@@ -94,8 +94,8 @@ def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None
         chosen += [] if vocab in chosen else [vocab]
     if verify:
         bundle.verify(chosen)
-    else:
-        log.warning("integrity check skipped (--no-verify): artifacts are used without re-hashing")
+    else:  # the caller's choice (--no-verify warns in the CLI) or it verified them itself (bench, validate)
+        log.info("artifacts used without re-hashing")
     tpi = int(cfg["tokens_per_image"])
     n_batch = max(512, tpi)
     kv_bytes = 4 if dec_a.precision == "f32" or dec_a.format == "onnx" else 2  # ONNX keeps an fp32 cache

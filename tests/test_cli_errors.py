@@ -119,6 +119,7 @@ def test_no_verify_runs_an_intact_bundle(tiny_bundle: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     assert json.loads(res.stdout)["decoder"] == "gguf:q8_0"
+    assert "integrity check skipped (--no-verify)" in res.stderr  # the user's choice is never silent
 
 
 def test_run_folder_without_manifest(tmp_path: Path) -> None:
