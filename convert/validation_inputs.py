@@ -152,6 +152,6 @@ def preflight(bundle: Bundle, reference: Path, pairs: list[tuple[Artifact, Artif
                     ref_need / memory.GiB, have / memory.GiB)
     for dec, enc in pairs:
         kv_bytes = 4 if dec.precision == "f32" or dec.format == "onnx" else 2  # as loader.load estimates
-        weights = sum(size for a in (dec, enc) if a for _, size, _ in a.files())  # ONNX weights sit in .data files
+        weights = sum(a.total_size for a in (dec, enc) if a)
         need = memory.estimate(cfg, weights, n_ctx, max(512, int(cfg["tokens_per_image"])), kv_bytes, enc is not None)
         memory.preflight(need, None, force, f"{bundle.dir} ({dec.id} with {enc.id if enc else 'no encoder'})")

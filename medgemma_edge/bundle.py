@@ -53,6 +53,11 @@ class Artifact:
         """(file, size, sha256) of every file this artifact consists of."""
         return [(self.file, self.size, self.sha256)] + [(e["file"], e["size"], e["sha256"]) for e in self.extra_files]
 
+    @property
+    def total_size(self) -> int:
+        """Bytes of all its files: ONNX weights may sit in a .data file beside the graph."""
+        return sum(size for _, size, _ in self.files())
+
     def to_json(self) -> dict[str, Any]:
         out = {
             "kind": self.kind, "format": self.format, "precision": self.precision, "file": self.file,

@@ -99,7 +99,7 @@ def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None
     tpi = int(cfg["tokens_per_image"])
     n_batch = max(512, tpi)
     kv_bytes = 4 if dec_a.precision == "f32" or dec_a.format == "onnx" else 2  # ONNX keeps an fp32 cache
-    weights = sum(a.size for a in (dec_a, enc_a) if a is not None)
+    weights = sum(a.total_size for a in (dec_a, enc_a) if a is not None)
     need = memory.estimate(cfg, weights, n_ctx, n_batch, kv_bytes, enc_a is not None)
     memory.preflight(need, memory_limit, force, str(bundle.dir))
     dec = _decoder(bundle, dec_a, n_ctx, n_batch, n_threads, providers)
