@@ -25,9 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [str(Path(sys.executable).with_name("medgemma-edge"))]
-# Not in the suite: ONNX fp16 vision (a GPU precision; ORT's CPU kernels are fp32/int8), int8_static (its
-# calibration at 4B size was killed for memory at 24 GB on a 23 GB machine: see benchmarks/README.md) and
-# the ONNX decoder (its exporter traces the 4B text model in fp32, ~17 GB, before quantizing).
+# Not in the suite: ONNX fp16 vision (a GPU precision; ORT's CPU kernels are fp32/int8), int8_static (it needs
+# calibration images; measured apart, slower than dynamic int8 on CPU: benchmarks/README.md) and the ONNX
+# decoder (its exporter traces the 4B text model in fp32, ~17 GB, before quantizing).
 CONVERT = ["--gguf", "q4_k_m,q8_0", "--mmproj", "f16,q8_0", "--onnx-vision", "fp32,int8"]
 COMBOS = ("llama.cpp:f16+q4_k_m,gguf:f16+gguf:q4_k_m,onnx:int8+gguf:q4_k_m,onnx:fp32+gguf:q4_k_m,"
           "gguf:q8_0+gguf:q4_k_m,onnx:int8+gguf:q8_0,transformers:fp32")

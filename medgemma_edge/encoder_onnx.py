@@ -36,10 +36,11 @@ class OnnxEncoder:
                  n_threads: int | None = None) -> None:
         self.path = Path(path)
         asked = list(providers) if providers else default_providers()
-        # The graph is fused offline (convert/onnx_vision.py); on the 4B tower, 2 CPU threads, BASIC beat
-        # ALL by 5% in time and 1 GB in peak RSS (benchmarks/results/*/vision-tuning.md). No spin-waiting:
-        # the encoder's idle threads must not take cores from the llama.cpp decode that follows.
-        self._session = make_session(self.path, asked, n_threads, level="BASIC", spin=False)
+        # EXTENDED, not ALL: on the 4B tower, 2 CPU threads, ALL cost 1 GB of peak RSS for nothing
+        # (benchmarks/results/*/vision-tuning.md); not BASIC, which leaves an int8_static graph's QDQ
+        # pairs unfused (15.9 s vs 11.2 s). No spin-waiting: the encoder's idle threads must not take
+        # cores from the llama.cpp decode that follows.
+        self._session = make_session(self.path, asked, n_threads, level="EXTENDED", spin=False)
         self.providers: list[str] = self._session.get_providers()  # what runs, after any CUDA fallback
         self.threads: int | None = n_threads  # None: ORT's default, one intra-op thread per physical core
         if asked[0] not in self.providers:
