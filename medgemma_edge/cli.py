@@ -96,11 +96,12 @@ def _load_bundle(kw: dict[str, Any], with_images: bool) -> Any:
         raise UserError("pass --bundle BUNDLE_DIR (a folder written by `medgemma-edge convert`)")
     limit = None if kw["memory_limit"] is None else int(kw["memory_limit"] * 2**30)
     providers = provider_names([p.strip() for p in kw["providers"].split(",") if p.strip()]) if kw["providers"] else None
-    if kw["no_verify"]:
-        log.warning("integrity check skipped (--no-verify): artifacts are used without re-hashing")
-    return load(kw["bundle_dir"], encoder=kw["encoder"], decoder=kw["decoder"], n_ctx=kw["n_ctx"],
+    pipe = load(kw["bundle_dir"], encoder=kw["encoder"], decoder=kw["decoder"], n_ctx=kw["n_ctx"],
                 n_threads=kw["threads"], verify=not kw["no_verify"], text_only=not with_images,
                 force=kw["force"], memory_limit=limit, providers=providers)
+    if kw["no_verify"]:  # after the load: a bad bundle still gets its one-line error alone
+        log.warning("integrity check skipped (--no-verify): artifacts were used without re-hashing")
+    return pipe
 
 
 def _audit(kw: dict[str, Any]) -> Any:
