@@ -5,7 +5,7 @@
 One SigLIP layer's attention at MedGemma 4B size (4096 patches, width 1152, 16 heads), random weights,
 each op in a fresh process: seconds per call and how much the process's peak RSS grew. `Attention`
 (packed QKV, what the ORT optimizer's CLIP fusion emits) holds all 16 x 4096 x 4096 scores at once;
-`MultiHeadAttention` (separate Q/K/V MatMuls, what convert/onnx_fusion.split_attention writes) tiles them.
+`MultiHeadAttention` (separate Q/K/V MatMuls, what convert/writers/onnx_fusion.split_attention writes) tiles them.
 Prints one JSON line per op and their largest output difference.
 """
 

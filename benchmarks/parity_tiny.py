@@ -15,10 +15,11 @@ import platform
 from pathlib import Path
 
 import medgemma_edge
-from convert.reference import Reference, parity
+from convert.fidelity.metrics import parity
+from convert.fidelity.reference import Reference
 from medgemma_edge.bundle import MANIFEST
-from medgemma_edge.convert_entry import convert_checkpoint, synthesize
-from medgemma_edge.demo import sample_image
+from medgemma_edge.extras import convert_checkpoint, synthesize
+from medgemma_edge.inputs.samples import sample_image
 
 DECODERS = ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0"]
 ENCODERS = ["f32", "f16", "q8_0"]

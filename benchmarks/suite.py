@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true", help="also run `validate` on the 4B bundle (~20 GB RAM)")
     args = ap.parse_args()
 
-    from medgemma_edge.hardware import fingerprint, slug
+    from medgemma_edge.measure.hardware import fingerprint, slug
 
     ckpt, bundle = args.work / "ckpt4b", args.work / "bundle4b"
     if not (ckpt / "config.json").is_file():

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from convert.onnx_vision import compare  # numpy only: importing it loads neither torch nor transformers
-from convert.spec import load_spec
-from medgemma_edge.demo import sample_image
+from convert.fidelity.metrics import compare  # numpy only: loads neither torch nor transformers
+from convert.registry import load_spec
+from medgemma_edge.inputs.samples import sample_image
 from medgemma_edge.errors import UserError
-from medgemma_edge.preprocess import resize_square
+from medgemma_edge.inputs.images import resize_square
 
 log = logging.getLogger("vision_oneoff")
 # (label, precision, fused graph?)
@@ -75,8 +75,8 @@ def time_encoder(encoder: Any, image: np.ndarray, reps: int) -> tuple[np.ndarray
 def export(args: argparse.Namespace) -> None:
     """Phase 1 (torch): write and validate every ONNX variant into --workdir, recipes in variants.json."""
     from convert.checkpoint import Checkpoint
-    from convert.onnx_vision import VisionExporter
-    from convert.spec import load_spec
+    from convert.writers.onnx_vision import VisionExporter
+    from convert.registry import load_spec
 
     spec, work = load_spec(args.ckpt), args.workdir
     (work / "calib").mkdir(parents=True, exist_ok=True)
@@ -125,14 +125,14 @@ class LevelEncoder:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def encode(self, image: np.ndarray) -> np.ndarray:
-        from medgemma_edge.encoder_onnx import normalise
+        from medgemma_edge.inputs.images import normalise
 
         return self.session.run(None, {"pixel_values": normalise(image[None])})[0][0].copy()  # unpin the arena
 
 
 def time_all(args: argparse.Namespace) -> dict[str, Any]:
     """Phase 2 (no torch in the process): time every written variant and mtmd F16 on one image."""
-    from medgemma_edge.encoder_onnx import OnnxEncoder
+    from medgemma_edge.backends.onnx.vision import OnnxEncoder
 
     spec, work = load_spec(args.ckpt), args.workdir
     done = json.loads((work / "variants.json").read_text())
@@ -165,7 +165,7 @@ def time_all(args: argparse.Namespace) -> dict[str, Any]:
         log.info("%s: %.2f ± %.2f s (loadavg %s)", row["encoder"], row["encode"]["mean_s"], row["encode"]["sd_s"],
                  row["encode"]["loadavg_1m"])
     if args.mmproj:
-        from medgemma_edge.encoder_mtmd import MtmdEncoder
+        from medgemma_edge.backends.llama_cpp.mtmd import MtmdEncoder
 
         t0 = time.perf_counter()
         enc = MtmdEncoder(args.mmproj, args.vocab, spec.text.hidden_size, n_threads=args.threads)

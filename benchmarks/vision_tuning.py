@@ -38,10 +38,10 @@ def measure(bundle: Path, artifact: str, knobs: dict[str, Any], reps: int) -> di
     """In the child: build the encoder with the knobs, 1 warm-up + reps timed encodes of one 896 image."""
     import numpy as np
 
-    from medgemma_edge.bench_worker import CpuWatch, peak_rss_mb
+    from medgemma_edge.measure.worker import CpuWatch, peak_rss_mb
     from medgemma_edge.bundle import open_bundle
-    from medgemma_edge.demo import sample_image
-    from medgemma_edge.preprocess import resize_square
+    from medgemma_edge.inputs.samples import sample_image
+    from medgemma_edge.inputs.images import resize_square
 
     b = open_bundle(bundle)
     path, cfg = b.path(b.find("encoder", artifact)), b.config
@@ -49,10 +49,9 @@ def measure(bundle: Path, artifact: str, knobs: dict[str, Any], reps: int) -> di
     image = resize_square(sample_image(Path("/tmp") / "vision-tuning.png", size=(1024, 880)), size)
     threads = knobs.get("threads", 2)
     if artifact.startswith("gguf:"):
-        from medgemma_edge.encoder_mtmd import MtmdEncoder
-        from medgemma_edge.loader import _vocab_gguf
+        from medgemma_edge.backends.llama_cpp.mtmd import MtmdEncoder
 
-        encode = MtmdEncoder(path, _vocab_gguf(b), hidden, n_threads=threads).encode
+        encode = MtmdEncoder(path, b.path(b.vocab_artifact()), hidden, n_threads=threads).encode
     else:
         import onnxruntime as ort
 
@@ -64,7 +63,7 @@ def measure(bundle: Path, artifact: str, knobs: dict[str, Any], reps: int) -> di
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        from medgemma_edge.encoder_onnx import normalise
+        from medgemma_edge.inputs.images import normalise
 
         def encode(img: np.ndarray) -> np.ndarray:
             return sess.run(None, {name: normalise(img[None])})[0]

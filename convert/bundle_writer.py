@@ -1,76 +1,36 @@
 """`medgemma-edge convert`: checkpoint -> bundle, atomically.
 
-Everything is written into a hidden `.NAME.partial-PID` folder beside the target; the manifest is
-written last and the folder renamed into place only when every artifact is hashed. A conversion
-killed at any point therefore leaves no folder that `load` or `info` would accept, and the next
-conversion cleans up what it left.
+Everything is written into a hidden `.NAME.partial-PID` folder beside the target (fsutil.publishing_dir);
+the manifest is written last and the folder renamed into place only when every artifact is hashed. A
+conversion killed at any point therefore leaves no folder that `load` or `info` would accept, and the
+next conversion cleans up what it left.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import platform
-import shutil
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from convert.checkpoint import Checkpoint
-from convert.gguf_decoder import DECODER_PRECISIONS, quantize_decoder, write_decoder_f32
-from convert.gguf_mmproj import MMPROJ_PRECISIONS, write_mmproj
-from convert.onnx_decoder import ONNX_DECODER_PRECISIONS, write_onnx_decoder
-from convert.onnx_vision import ONNX_VISION_PRECISIONS, write_onnx_vision
-from convert.spec import load_spec
+from convert.registry import load_spec
+from convert.writers.gguf_decoder import DECODER_PRECISIONS, base_type, quantize_decoder, write_decoder_base
+from convert.writers.gguf_mmproj import write_mmproj
+from convert.writers.onnx_decoder import write_onnx_decoder
+from convert.writers.onnx_vision import check_request, write_onnx_vision
 from medgemma_edge import __version__
-from medgemma_edge.bundle import (MANIFEST, FORMAT, FORMAT_VERSION, Artifact, Bundle, open_bundle, sha256_file,
-                                  write_manifest)
+from medgemma_edge.backends.llama_cpp.lib import quiet_llama
+from medgemma_edge.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Artifact, Bundle, open_bundle, write_manifest
+from medgemma_edge.bundle.precisions import check_names
 from medgemma_edge.errors import UserError
-from medgemma_edge.native import quiet_llama
+from medgemma_edge.fsutil import publishing_dir, sha256_file
+from medgemma_edge.versions import package_version
 
 log = logging.getLogger(__name__)
-
-
-def _check_precisions(asked: list[str], known: dict[str, Any], flag: str) -> list[str]:
-    bad = [p for p in asked if p not in known]
-    if bad:
-        raise UserError(f"{flag} {bad[0]!r} is not supported; choose from {', '.join(known)}")
-    return list(dict.fromkeys(asked))  # de-duplicate, keep order
-
-
-def _clean_leftovers(out_dir: Path) -> None:
-    """Tidy up after conversions that were killed: drop their partial folders, and put back a bundle
-    that was being replaced (`.NAME.old-PID`) if the new one never made it into place."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
-        kind, _, pid = stale.name[len(out_dir.name) + 2:].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not out_dir.exists():
-            log.warning("restoring %s, which an interrupted --overwrite had moved aside", out_dir)
-            stale.rename(out_dir)
-        else:
-            log.info("removing leftovers of an interrupted conversion: %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:  # e.g. onnxruntime-gpu installed instead of onnxruntime
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str],
@@ -78,10 +38,10 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
                        onnx_decoder: list[str] | None = None, calibration_images: Path | None = None) -> Bundle:
     src, out = Path(checkpoint_dir), Path(out_dir)
     plan = {
-        "gguf": _check_precisions(gguf, DECODER_PRECISIONS, "--gguf"),
-        "mmproj": _check_precisions(mmproj, MMPROJ_PRECISIONS, "--mmproj"),
-        "onnx_vision": _check_precisions(onnx_vision or [], ONNX_VISION_PRECISIONS, "--onnx-vision"),
-        "onnx_decoder": _check_precisions(onnx_decoder or [], ONNX_DECODER_PRECISIONS, "--onnx-decoder"),
+        "gguf": check_names(gguf, "decoder", "gguf"),
+        "mmproj": check_names(mmproj, "encoder", "gguf"),
+        "onnx_vision": check_names(onnx_vision or [], "encoder", "onnx"),
+        "onnx_decoder": check_names(onnx_decoder or [], "decoder", "onnx"),
     }
     if not any(plan.values()):
         raise UserError("nothing to convert: pass at least one --gguf, --mmproj, --onnx-vision or --onnx-decoder precision")
@@ -89,6 +49,8 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
         # the GGUF decoder carries the vocabulary every backend tokenizes with (and mtmd needs)
         raise UserError("--onnx-decoder and --mmproj need at least one --gguf precision in the same bundle "
                         "(it holds the tokenizer); add e.g. --gguf q4_k_m")
+    for p in plan["onnx_vision"]:
+        check_request(p, calibration_images)  # now, not after minutes of export
     if calibration_images is not None and not Path(calibration_images).is_dir():
         raise UserError(f"{calibration_images}: calibration image folder not found; pass a folder of PNG/JPEG/DICOM files")
     if not src.is_dir():
@@ -104,45 +66,25 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
     ckpt = Checkpoint(src)
     quiet_llama()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir()
     try:
-        artifacts = _write_artifacts(ckpt, spec, tmp, plan, calibration_images, progress)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "notice": "Research use only; not for clinical diagnosis (see the MedGemma model card).",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "converter": {
-                "name": "medgemma-edge", "version": __version__, "python": platform.python_version(),
-                **{pkg.replace("-", "_"): _version(pkg)
-                   for pkg in ("llama-cpp-python", "gguf", "onnx", "onnxruntime", "onnxruntime-gpu", "torch")},
-            },
-            "source": {"path": str(src.resolve()), "files": ckpt.file_hashes()},
-            "config": spec.summary(),
-            "artifacts": [a.to_json() for a in artifacts],
-        }
-        write_manifest(tmp, manifest)
-        if overwrite and out.exists():
-            # two renames, not one: a kill in between leaves `.old-PID`, which the next run restores
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except OSError:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                tmp.rename(out)  # fails if someone else filled `out` meanwhile: never replace what we did not check
-            except OSError as exc:
-                raise UserError(f"{out}: appeared while converting; pass --overwrite or choose another -o") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with publishing_dir(out, replace=overwrite) as tmp:
+            artifacts = _write_artifacts(ckpt, spec, tmp, plan, calibration_images, progress)
+            write_manifest(tmp, {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "notice": "Research use only; not for clinical diagnosis (see the MedGemma model card).",
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "converter": {
+                    "name": "medgemma-edge", "version": __version__, "python": platform.python_version(),
+                    **{pkg.replace("-", "_"): package_version(pkg)
+                       for pkg in ("llama-cpp-python", "gguf", "onnx", "onnxruntime", "onnxruntime-gpu", "torch")},
+                },
+                "source": {"path": str(src.resolve()), "files": ckpt.file_hashes()},
+                "config": spec.summary(),
+                "artifacts": [a.to_json() for a in artifacts],
+            })
+    except FileExistsError as exc:  # someone else filled `out` meanwhile: never replace what we did not check
+        raise UserError(f"{out}: appeared while converting; pass --overwrite or choose another -o") from exc
     log.info("bundle written to %s", out)
     return open_bundle(out)
 
@@ -155,16 +97,20 @@ def _write_artifacts(ckpt: Checkpoint, spec: Any, tmp: Path, plan: dict[str, lis
     written: list[Written] = []
     gguf = plan["gguf"]
     if gguf:
-        base = tmp / ("decoder-f32.gguf" if "f32" in gguf else ".decoder-f32.base.gguf")
-        write_decoder_f32(ckpt, spec, base, progress)
-        if "f32" in gguf:
-            written.append(("decoder", "gguf", "f32", base, {"writer": "medgemma-edge gguf_decoder"}))
-        for p in tqdm([p for p in gguf if p != "f32"], desc="llama.cpp quantize", unit="artifact", disable=not progress):
+        # the base llama.cpp quantizes from: f32 when f32 is asked for, else the checkpoint's own type
+        base_name, _ = base_type(ckpt, "f32" in gguf)
+        keep = base_name in gguf
+        base = tmp / (f"decoder-{base_name}.gguf" if keep else f".decoder-{base_name}.base.gguf")
+        write_decoder_base(ckpt, spec, base, base_name, progress)
+        if keep:
+            written.append(("decoder", "gguf", base_name, base, {"writer": "medgemma-edge gguf_decoder"}))
+        for p in tqdm([p for p in gguf if p != base_name], desc="llama.cpp quantize", unit="artifact",
+                      disable=not progress):
             path = tmp / f"decoder-{p}.gguf"
             quantize_decoder(base, path, p)
-            written.append(("decoder", "gguf", p, path, {"writer": "llama_model_quantize", "from": "f32",
+            written.append(("decoder", "gguf", p, path, {"writer": "llama_model_quantize", "from": base_name,
                                                          "llama_ftype": DECODER_PRECISIONS[p]}))
-        if "f32" not in gguf:
+        if not keep:
             base.unlink()
     for p in plan["mmproj"]:
         path = tmp / f"mmproj-{p}.gguf"

@@ -1,7 +1,7 @@
-"""Lazy, layout-agnostic access to the tensors of a Hugging Face MedGemma checkpoint.
+"""Lazy, layout-agnostic access to the tensors of a Hugging Face checkpoint.
 
-Names are normalised to three canonical namespaces so the converters never see prefixes:
-`text.<rest>` (Gemma 3 decoder), `vision.<rest>` (SigLIP), `projector.<rest>`.
+Names are normalised by the checkpoint's family (convert/registry.py) to canonical namespaces so the
+writers never see prefixes: `text.<rest>` (Gemma 3 decoder), `vision.<rest>` (SigLIP), `projector.<rest>`.
 """
 
 from __future__ import annotations
@@ -13,41 +13,27 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_edge.bundle import sha256_file
+from convert.registry import Family, checkpoint_family
 from medgemma_edge.errors import UserError
+from medgemma_edge.fsutil import sha256_file
 
 
-# Ordered longest-first: the published layout (transformers 4.50), then what newer versions save.
-_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("model.language_model.model.", "text."),
-    ("language_model.model.", "text."),
-    ("model.language_model.", "text."),
-    ("language_model.", "text."),
-    ("model.vision_tower.vision_model.", "vision."),
-    ("vision_tower.vision_model.", "vision."),
-    ("model.vision_tower.", "vision."),
-    ("vision_tower.", "vision."),
-    ("model.multi_modal_projector.", "projector."),
-    ("multi_modal_projector.", "projector."),
-)
-# Tensors with no place in the runtime: the LM head (Gemma 3 ties it to the embedding; llama.cpp
-# writes none) and SigLIP's unused pooling head. Matched on canonical names.
-_IGNORED = ("lm_head.", "text.lm_head.", "vision.head.")
-
-
-def canonical_name(name: str) -> str | None:
-    for prefix, namespace in _PREFIXES:
+def canonical_name(name: str, family: Family) -> str | None:
+    """The family's canonical name (`text.`, `vision.`, `projector.`) of a checkpoint tensor, or None
+    for tensors the runtime has no place for."""
+    for prefix, namespace in family.prefixes:
         if name.startswith(prefix):
             canon = namespace + name[len(prefix):]
-            return None if canon.startswith(_IGNORED) else canon
-    return None if name.startswith(_IGNORED) else name
+            return None if canon.startswith(family.ignored) else canon
+    return None if name.startswith(family.ignored) else name
 
 
 class Checkpoint:
     """A checkpoint folder whose tensors are read one at a time, never all at once."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, family: Family | None = None) -> None:
         self.dir = directory
+        self.family = family or checkpoint_family(directory)
         self._where: dict[str, tuple[Path, str]] = {}
         files = self._weight_files()
         try:
@@ -56,7 +42,7 @@ class Checkpoint:
             for file in files:
                 with safe_open(str(file), framework="pt") as f:
                     for name in f.keys():
-                        canon = canonical_name(name)
+                        canon = canonical_name(name, self.family)
                         if canon is not None:
                             self._where[canon] = (file, name)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (an Exception)
@@ -91,6 +77,14 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype as safetensors names it: "BF16", "F16", "F32"."""
+        from safetensors import safe_open
+
+        file, key = self._where[name]
+        with safe_open(str(file), framework="pt") as f:
+            return str(f.get_slice(key).get_dtype())
+
     def shape(self, name: str) -> tuple[int, ...]:
         from safetensors import safe_open
 
@@ -98,8 +92,8 @@ class Checkpoint:
         with safe_open(str(file), framework="pt") as f:
             return tuple(f.get_slice(key).get_shape())
 
-    def get(self, name: str) -> np.ndarray:
-        """One tensor as float32 numpy (bf16 has no numpy dtype, so go through torch)."""
+    def _tensor(self, name: str) -> Any:
+        """One tensor as torch loads it (bf16 has no numpy dtype); one-line errors for missing or truncated ones."""
         from safetensors import safe_open
 
         if name not in self._where:
@@ -107,26 +101,24 @@ class Checkpoint:
         file, key = self._where[name]
         try:
             with safe_open(str(file), framework="pt") as f:
-                return f.get_tensor(key).float().numpy()
+                return f.get_tensor(key)
         except Exception as exc:  # noqa: BLE001 - a truncated shard fails here, as SafetensorError
             raise UserError(f"{file}: tensor {key!r} is unreadable ({str(exc)[:200]}); copy the checkpoint again") from exc
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy."""
+        return self._tensor(name).float().numpy()
+
+    def get_raw(self, name: str) -> np.ndarray:
+        """One tensor's stored bits, uncopied: 16-bit types as uint16, others in their own dtype."""
+        import torch
+
+        t = self._tensor(name)
+        return t.view(torch.int16).numpy().view(np.uint16) if t.element_size() == 2 else t.numpy()
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every file in the checkpoint folder, for the bundle's provenance."""
         return {p.name: sha256_file(p) for p in sorted(self.dir.iterdir()) if p.is_file()}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A checkpoint's JSON side file ({} if absent), with a one-line error when it is malformed."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path}: malformed JSON ({exc}); copy the checkpoint again") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object; copy the checkpoint again")
-    return data
 
 
 def iter_layers(names: list[str], prefix: str) -> Iterator[int]:

@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ALL_GGUF, ALL_MMPROJ, ALL_ONNX_DECODER, ALL_ONNX_VISION
 from PIL import Image
 
-from medgemma_edge.convert_entry import convert_checkpoint, synthesize
-
-ALL_GGUF = ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0"]
-ALL_MMPROJ = ["f32", "f16", "q8_0"]
-ALL_ONNX_VISION = ["fp32", "fp16", "int8"]
-ALL_ONNX_DECODER = ["fp32", "int8", "int4"]
-ENCODERS = [f"gguf:{p}" for p in ALL_MMPROJ] + [f"onnx:{p}" for p in ALL_ONNX_VISION]
-DECODERS = [f"gguf:{p}" for p in ALL_GGUF] + [f"onnx:{p}" for p in ALL_ONNX_DECODER]
-
-
-def linked_copy(src: Path, dst: Path, private: tuple[str, ...] = ()) -> Path:
-    """A copy of a bundle or checkpoint folder that costs no disk: large files are hard links.
-
-    The tiny bundle is about 2 GB (every precision of a 262k-row vocabulary), and CI's disk is shared.
-    Small files (manifest, config) and the `private` names are real copies, so a test may rewrite
-    them; a hard-linked file must only be replaced, never written in place.
-    """
-    def place(s: str, d: str) -> None:
-        if os.path.getsize(s) < (1 << 20) or Path(s).name in private:
-            shutil.copy2(s, d)
-        else:
-            os.link(s, d)
-
-    return Path(shutil.copytree(src, dst, copy_function=place))
+from medgemma_edge.extras import convert_checkpoint, synthesize
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +29,7 @@ def tiny_bundle(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture(scope="session")
 def reference(tiny_ckpt: Path):
-    from convert.reference import Reference
+    from convert.fidelity.reference import Reference
 
     return Reference(tiny_ckpt)
 

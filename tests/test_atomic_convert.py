@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from medgemma_edge import UserError, open_bundle
-from test_cli_errors import assert_one_line_error, cli_command, run_cli
+from helpers import assert_one_line_error, cli_command, run_cli
 
 GGUF, MMPROJ = ["f32", "f16", "q8_0", "q4_k_m"], ["f32", "f16"]
 CONVERT_ARGS = ["--gguf", ",".join(GGUF), "--mmproj", ",".join(MMPROJ)]

@@ -8,52 +8,14 @@ A subprocess is the only honest test of that: it sees exactly what a hospital en
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import linked_copy
+from helpers import assert_no_partials, assert_one_line_error, linked_copy, run_cli
 
 from medgemma_edge import open_bundle
 
-CLI = Path(sys.executable).with_name("medgemma-edge")
-TIMEOUT_S = 300
 TIMINGS = ("load_s", "image_encode_ms", "prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s")
-
-
-def cli_command(*args: str | Path) -> list[str]:
-    """The argv a user types; fails loudly (never skips) when the console script is not installed."""
-    if not CLI.is_file():
-        pytest.fail(f"console script {CLI} is missing: install the package (pip install -e .) into this venv")
-    return [str(CLI), *map(str, args)]
-
-
-def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `medgemma-edge ARGS` as a user would (installed console script, own process, captured output)."""
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=cwd, timeout=TIMEOUT_S)
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess[str], *mentions: str | Path) -> str:
-    """The rule: non-zero exit, exactly one non-empty stderr line `error: ...` naming each of `mentions`."""
-    shown = f"exit {res.returncode}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}"
-    assert res.returncode != 0, shown
-    assert "Traceback" not in res.stdout + res.stderr, shown
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, shown
-    line = lines[0]
-    assert line.startswith("error:"), shown
-    assert "internal error" not in line, shown  # the catch-all is a bug report, not a clear message
-    for m in mentions:
-        assert str(m) in line, f"{m!s} not named in: {line}"
-    return line
-
-
-def assert_no_partials(out: Path) -> None:
-    """Nothing half-written: neither the target nor any hidden `.NAME.partial*` sibling exists."""
-    leftovers = sorted(p.name for p in out.parent.glob(f".{out.name}.partial*"))
-    leftovers += sorted(p.name for p in out.parent.glob(f"{out.name}.partial*"))
-    assert not leftovers, leftovers
 
 
 def _artifact_path(bundle: Path, kind: str, artifact_id: str) -> Path:

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from convert.checkpoint import Checkpoint
-from convert.gguf_decoder import DECODER_TENSORS
-from convert.gguf_mmproj import MMPROJ_TENSORS
-from convert.spec import load_spec
+from convert.models.gemma3 import DECODER_TENSORS
+from convert.models.gemma3 import MMPROJ_TENSORS
+from convert.registry import load_spec
 from medgemma_edge import UserError, open_bundle
-from medgemma_edge.convert_entry import convert_checkpoint, synthesize
+from medgemma_edge.extras import convert_checkpoint, synthesize
 
 Q = gguf.GGMLQuantizationType
 
@@ -173,7 +173,8 @@ def test_refuses_config_llama_cpp_cannot_run(tiny_ckpt: Path, tmp_path: Path) ->
 def test_other_shapes_convert_and_match(tmp_path: Path, xray_png: Path) -> None:
     """Another layer count, head size, window pattern, image size, patch size and tokens per image."""
     import medgemma_edge
-    from convert.reference import Reference, parity
+    from convert.fidelity.metrics import parity
+    from convert.fidelity.reference import Reference
 
     ckpt = synthesize(tmp_path / "ckpt", size="tiny", seed=3, num_hidden_layers=4, sliding_window_pattern=2,
                       head_dim=32, num_attention_heads=8, num_key_value_heads=8, image_size=56, patch_size=14,

@@ -27,7 +27,7 @@ from pydicom.data.data_manager import DATA_ROOT
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from medgemma_edge.dicom import CT_WINDOWS_HU, dicom_context, is_dicom, render
+from medgemma_edge.inputs.dicom import CT_WINDOWS_HU, dicom_context, is_dicom, render
 from medgemma_edge.errors import UserError
 
 # SC_rgb*.dcm: ten 10-row bands, sampled at column 50 (pydicom's own tests use these values)
@@ -315,7 +315,7 @@ def test_missing_or_broken_handler_is_one_line_user_error(blocked: str, expected
     # a real interpreter in which one package cannot be imported (as if absent or broken)
     path = data("SC_rgb_jpeg_gdcm.dcm")  # JPEG Lossless SV1: only pylibjpeg (or gdcm) decodes it
     code = (f"import sys; sys.modules[{blocked!r}] = None\n"
-            "from pathlib import Path; from medgemma_edge.dicom import render; from medgemma_edge.errors import UserError\n"
+            "from pathlib import Path; from medgemma_edge.inputs.dicom import render; from medgemma_edge.errors import UserError\n"
             f"try:\n    render(Path({str(path)!r}))\n"
             "except UserError as e:\n    print('UserError:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()

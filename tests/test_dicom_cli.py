@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from medgemma_edge.dicom import render
-from medgemma_edge.preprocess import resize_square
+from medgemma_edge.inputs.dicom import render
+from medgemma_edge.inputs.images import resize_square
 
 CLI = str(Path(sys.executable).with_name("medgemma-edge"))
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "ReferringPhysicianName",

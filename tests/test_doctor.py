@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from medgemma_edge.doctor import advice
-from medgemma_edge.hardware import fingerprint, slug
+from medgemma_edge.measure.doctor import advice
+from medgemma_edge.measure.hardware import fingerprint, slug
 
 CLI = Path(sys.executable).with_name("medgemma-edge")
 TIMEOUT_S = 60

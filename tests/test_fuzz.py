@@ -26,8 +26,8 @@ from PIL import Image
 
 from medgemma_edge.bundle import MANIFEST, Bundle, open_bundle
 from medgemma_edge.errors import UserError
-from medgemma_edge.gguf_header import GgufHeader, read_gguf_header
-from medgemma_edge.preprocess import load_image, resize_square
+from medgemma_edge.bundle.gguf_header import GgufHeader, read_gguf_header
+from medgemma_edge.inputs.images import load_image, resize_square
 
 # MEDGEMMA_FUZZ_EXAMPLES=5000 for a deeper local hunt; the suite default stays at 100 per target.
 FUZZ = settings(max_examples=int(os.environ.get("MEDGEMMA_FUZZ_EXAMPLES", "100")), deadline=None, database=None,
@@ -361,7 +361,7 @@ def vision_onnx(tiny_bundle: Path) -> bytes:
 @given(edits=mutations(hot=4096))
 def test_onnx_mutated(tmp_path: Path, vision_onnx: bytes, edits: list) -> None:
     """A damaged .onnx is refused in one line by our session factory; ONNX Runtime must not take the process down."""
-    from medgemma_edge.onnx_session import make_session
+    from medgemma_edge.backends.onnx.session import make_session
 
     path = tmp_path / "vision.onnx"
     path.write_bytes(mutate(vision_onnx, edits))

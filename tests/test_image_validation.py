@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from medgemma_edge.errors import UserError
-from medgemma_edge.preprocess import MAX_PIXELS, check_image_path, load_image, resize_square
+from medgemma_edge.inputs.images import MAX_PIXELS, check_image_path, load_image, resize_square
 
 CLI = Path(sys.executable).with_name("medgemma-edge")
 

@@ -22,14 +22,15 @@ import pytest
 from PIL import Image
 
 from convert.checkpoint import Checkpoint
-from convert.onnx_vision import PRECISIONS, VisionExporter, build_torch_module, calibration_files, compare
-from convert.spec import load_spec
+from convert.writers.onnx_vision import METHODS, VisionExporter, build_torch_module, calibration_files, compare
+from convert.registry import load_spec
 from medgemma_edge.bundle import open_bundle
-from medgemma_edge.encoder_onnx import OnnxEncoder
+from medgemma_edge.backends.onnx.vision import OnnxEncoder
 from medgemma_edge.errors import UserError
-from medgemma_edge.preprocess import resize_square
+from medgemma_edge.bundle.precisions import PRECISIONS
+from medgemma_edge.inputs.images import resize_square
 
-FLOORS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "int8_static": 0.99}
+FLOORS = {p: PRECISIONS["encoder"][f"onnx:{p}"].min_cosine for p in METHODS}  # the precision table's
 
 
 def _film(path: Path, seed: int, size: tuple[int, int] = (90, 110)) -> Path:
@@ -60,7 +61,7 @@ def exported(tiny_ckpt: Path, calib_dir: Path, tmp_path_factory: pytest.TempPath
     with VisionExporter(Checkpoint(tiny_ckpt), load_spec(tiny_ckpt), workdir=out, progress=False) as exporter:
         return {p: (out / f"vision-{p}.onnx", exporter.write(out / f"vision-{p}.onnx", p,
                                                              calib_dir if p == "int8_static" else None))
-                for p in PRECISIONS}
+                for p in METHODS}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def _run(path: Path, pixels: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})[0]
 
 
-@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("precision", list(METHODS))
 def test_matches_transformers_reference(exported, hf_features, precision: str) -> None:
     path, recipe = exported[precision]
     pixels, ref = hf_features
@@ -123,13 +124,13 @@ def test_recipe(exported, calib_dir: Path) -> None:
     assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
 
 
-def test_dicom_calibration_uses_the_runtime_rendering(calib_dir: Path) -> None:
-    from convert.onnx_vision import _calibration_pixels
-    from medgemma_edge.dicom import render
-    from medgemma_edge.preprocess import pixel_values
+def test_dicom_calibration_uses_the_runtime_rendering(calib_dir: Path, tiny_ckpt: Path) -> None:
+    from convert.writers.onnx_vision import calibration_pixels
+    from medgemma_edge.inputs.dicom import render
+    from medgemma_edge.inputs.images import pixel_values
 
     assert calib_dir / "ct.dcm" in calibration_files(calib_dir)
-    np.testing.assert_array_equal(_calibration_pixels(calib_dir / "ct.dcm", 64),
+    np.testing.assert_array_equal(calibration_pixels(calib_dir / "ct.dcm", load_spec(tiny_ckpt)),
                                   pixel_values(render(calib_dir / "ct.dcm"), 64))
 
 
@@ -174,7 +175,7 @@ def test_encoder_fp16_graph_inputs(exported, tmp_path: Path, xray_png: Path) -> 
 
 def test_encoder_matches_mtmd(exported, tiny_bundle: Path, xray_png: Path) -> None:
     """Same weights, same pixels: ONNX fp32 and llama.cpp's mtmd with the f32 mmproj agree (max |diff| ~7e-4)."""
-    from medgemma_edge.encoder_mtmd import MtmdEncoder
+    from medgemma_edge.backends.llama_cpp.mtmd import MtmdEncoder
 
     bundle = open_bundle(tiny_bundle)
     mmproj = bundle.path(bundle.find("encoder", "gguf:f32"))
@@ -213,7 +214,7 @@ def test_encoder_from_another_model_is_refused(exported) -> None:
 
 
 def test_bad_requests_are_user_errors(tiny_ckpt: Path, tmp_path: Path, calib_dir: Path) -> None:
-    from convert.onnx_vision import write_onnx_vision
+    from convert.writers.onnx_vision import write_onnx_vision
 
     ckpt, spec = Checkpoint(tiny_ckpt), load_spec(tiny_ckpt)
     with pytest.raises(UserError, match="not supported"):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 
 import medgemma_edge
-from convert.reference import DECODER_BOUNDS, ENCODER_BOUNDS, decisive_top1, parity, top2_margin
+from medgemma_edge import SamplingParams
+from helpers import decoder_bound, encoder_extra
+from convert.fidelity.metrics import decisive_top1, parity, top2_margin
 
 PROMPT, SYSTEM = "Describe this X-ray", "You are an expert radiologist."
 GGUF_DECODERS = ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0"]
@@ -40,7 +42,7 @@ def test_text_logits(tiny_bundle, ref_text, decoder: str) -> None:
     ids, logits = _ours(tiny_bundle, decoder, None, [])
     assert ids.tolist() == ref_ids.tolist()
     m = parity(ref_logits, logits)
-    max_kl, min_top1 = DECODER_BOUNDS[f"gguf:{decoder}"]
+    max_kl, min_top1 = decoder_bound(f"gguf:{decoder}")
     assert m["mean_kl"] < max_kl and m["top1"] >= min_top1, m
     if decoder == "f32":
         _assert_f32_top1(ref_logits, logits)
@@ -53,8 +55,8 @@ def test_image_logits(tiny_bundle, ref_image, xray_png, decoder: str, encoder: s
     ids, logits = _ours(tiny_bundle, decoder, encoder, [xray_png])
     assert ids.tolist() == ref_ids.tolist()  # same template, same tokens, 262144 where embeddings went
     m = parity(ref_logits, logits)
-    max_kl, _ = DECODER_BOUNDS[f"gguf:{decoder}"]
-    assert m["mean_kl"] < max_kl + ENCODER_BOUNDS[f"gguf:{encoder}"], m
+    max_kl, _ = decoder_bound(f"gguf:{decoder}")
+    assert m["mean_kl"] < max_kl + encoder_extra(f"gguf:{encoder}"), m
     if decoder == encoder == "f32":
         _assert_f32_top1(ref_logits, logits)
 
@@ -75,7 +77,7 @@ def test_greedy_matches_transformers(tiny_bundle, reference, xray_png) -> None:
     n = 16
     ref_tokens, ref_step_logits = reference.greedy(PROMPT, [xray_png], n, SYSTEM)
     pipe = medgemma_edge.load(tiny_bundle, encoder="gguf:f32", decoder="gguf:f32")
-    ours = pipe.generate(PROMPT, images=[xray_png], system=SYSTEM, max_new_tokens=n, temperature=0.0)
+    ours = medgemma_edge.generate(pipe, PROMPT, [xray_png], system=SYSTEM, sampling=SamplingParams(max_new_tokens=n))
     # a greedy match proves something only if no step was a near-tie within our logit error
     _, ref_logits = reference.prompt_logits(PROMPT, [xray_png], SYSTEM)
     _, our_logits = pipe.prompt_logits(PROMPT, [xray_png], SYSTEM)

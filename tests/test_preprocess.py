@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medgemma_edge.preprocess import pixel_values, resize_square
+from medgemma_edge.inputs.images import pixel_values, resize_square
 
 
 def _images(tmp: Path) -> dict[str, Path]:

@@ -35,7 +35,7 @@ def test_greedy_equals_llama_cpp_python(gemma_270m: Path) -> None:
     import llama_cpp
 
     pipe = medgemma_edge.load_decoder_gguf(gemma_270m)
-    ours = pipe.generate("What is the capital of France?", max_new_tokens=24)
+    ours = medgemma_edge.generate(pipe, "What is the capital of France?", sampling=medgemma_edge.SamplingParams(max_new_tokens=24))
     ids, _ = pipe.prompt_logits("What is the capital of France?")
     llm = llama_cpp.Llama(model_path=str(gemma_270m), n_ctx=4096, flash_attn=True, swa_full=True, verbose=False)
     theirs = []

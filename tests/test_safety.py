@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import linked_copy
+from helpers import linked_copy
 
 import medgemma_edge
 from medgemma_edge import UserError
-from medgemma_edge.bundle import MANIFEST, sha256_file
+from medgemma_edge.bundle import MANIFEST
+from medgemma_edge.fsutil import sha256_file
 
 CLI = str(Path(sys.executable).with_name("medgemma-edge"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,9 +73,9 @@ def test_convert_runs_offline_with_hub_flags_set(tiny_ckpt: Path, tmp_path: Path
     out = subprocess.run([CLI, "convert", str(tiny_ckpt), "-o", str(tmp_path / "b"), "--gguf", "q8_0", "--mmproj", "f16"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    from medgemma_edge.convert_entry import _require_convert_extra
+    from medgemma_edge.extras import require_convert_extra
 
-    _require_convert_extra()
+    require_convert_extra()
     assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
 
 
@@ -116,7 +117,7 @@ def test_memory_preflight_refuses_with_both_figures(tiny_bundle: Path) -> None:
 
 def test_mismatched_parts_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
     """An mmproj from another model (different projection width) is named and refused."""
-    from medgemma_edge.convert_entry import convert_checkpoint, synthesize
+    from medgemma_edge.extras import convert_checkpoint, synthesize
 
     other = synthesize(tmp_path / "other", size="tiny", seed=1, hidden_size=512)
     other_bundle = convert_checkpoint(other, tmp_path / "other-bundle", ["q8_0"], ["f16"], progress=False)
@@ -143,7 +144,7 @@ def test_no_pickle_anywhere() -> None:
 
 
 def test_pickle_checkpoint_is_refused(tmp_path: Path, tiny_ckpt: Path) -> None:
-    from medgemma_edge.convert_entry import convert_checkpoint
+    from medgemma_edge.extras import convert_checkpoint
 
     ckpt = tmp_path / "pickled"
     ckpt.mkdir()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.tokenizer_files import CACHED_FILES, cached_tokenizer_dir, gemma3_vocab_gguf, write_tokenizer_files
+from convert.synth.tokenizer_files import CACHED_FILES, cached_tokenizer_dir, gemma3_vocab_gguf, write_tokenizer_files
 
 TOKENS_PER_IMAGE = 16
 IMAGE_SIZE = 64

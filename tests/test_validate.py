@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import linked_copy
+from helpers import decoder_bound, linked_copy
 
-from convert.reference import DECODER_BOUNDS
-from medgemma_edge.bundle import MANIFEST, open_bundle, sha256_file
+from medgemma_edge.bundle import MANIFEST, open_bundle
+from medgemma_edge.fsutil import sha256_file
 from medgemma_edge.cli import main
-from medgemma_edge.convert_entry import synthesize
+from medgemma_edge.extras import synthesize
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -77,7 +77,7 @@ def test_report_stored_in_bundle_and_bundle_still_valid(validated: tuple[Path, i
     open_bundle(bundle).verify()
     assert _run(capsys, "info", str(bundle))[0] == 0
     f32 = next(r for r in report["artifacts"] if r["kind"] == "decoder" and r["artifact"] == "gguf:f32")
-    assert f32["text"]["mean_kl"] < DECODER_BOUNDS["gguf:f32"][0] and f32["image"]["mean_kl"] < DECODER_BOUNDS["gguf:f32"][0]
+    assert f32["text"]["mean_kl"] < decoder_bound("gguf:f32")[0] and f32["image"]["mean_kl"] < decoder_bound("gguf:f32")[0]
     assert f32["greedy"] == {"exact": 1.0, "prefix_mean": 2.0, "reference_tokens_mean": 2.0, "prompts": 2}
 
 
@@ -87,7 +87,9 @@ def test_every_artifact_has_figures(validated: tuple[Path, int, str]) -> None:
     rows = {(r["kind"], r["artifact"]): r for r in report["artifacts"]}
     assert set(rows) == {(a.kind, a.id) for a in open_bundle(bundle).artifacts}
     for (kind, _), r in rows.items():
-        assert r["image"]["mean_kl"] >= 0 and r["image"]["positions"] > 0
+        kl = next(c for c in r["checks"] if c["figure"] == "image mean KL")
+        assert kl["value"] == r["image"]["mean_kl"] and 0 < kl["value"] <= r["image"]["max_kl"], r["artifact"]
+        assert kl["passed"] is (None if kl["bound"] is None else True) and r["image"]["positions"] > 0
         if kind == "decoder":
             assert r["text"]["positions"] > 0 and 0 <= r["greedy"]["exact"] <= 1
         else:

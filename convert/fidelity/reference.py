@@ -1,0 +1,58 @@
+"""The transformers fp32 reference that every artifact is measured against (metrics: fidelity/metrics.py).
+
+Used by the tests, `validate` and the parity report; needs the `convert` extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def messages(prompt: str, n_images: int, system: str | None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if system:
+        out.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    out.append({"role": "user", "content": [{"type": "text", "text": prompt}] + [{"type": "image"}] * n_images})
+    return out
+
+
+class Reference:
+    """Gemma3ForConditionalGeneration in float32 with eager attention, plus its processor."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        import torch
+        from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(checkpoint)
+        self.model, info = Gemma3ForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        # a tensor transformers did not find would be silently random: parity would then be meaningless
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        self.model.eval()
+
+    def inputs(self, prompt: str, images: list[Path], system: str | None = None) -> dict[str, Any]:
+        kwargs = {"processor_kwargs": {"images": [Image.open(p) for p in images]}} if images else {}
+        return self.processor.apply_chat_template(messages(prompt, len(images), system), add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True, return_tensors="pt", **kwargs)
+
+    def prompt_logits(self, prompt: str, images: list[Path], system: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        inputs = self.inputs(prompt, images, system)
+        with self.torch.no_grad():
+            logits = self.model(**inputs).logits[0]
+        return inputs["input_ids"][0].numpy(), logits.float().numpy()
+
+    def greedy(self, prompt: str, images: list[Path], n: int, system: str | None = None) -> tuple[list[int], np.ndarray]:
+        """Greedy continuation (stopping at <eos>/<end_of_turn>) and the logits that chose each token."""
+        inputs = self.inputs(prompt, images, system)
+        with self.torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=n, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True, top_p=None, top_k=None)
+        n_prompt = inputs["input_ids"].shape[1]
+        tokens = out.sequences[0, n_prompt:].tolist()
+        step_logits = np.stack([s[0].float().numpy() for s in out.logits])
+        return tokens, step_logits

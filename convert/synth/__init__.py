@@ -1,0 +1,1 @@
+"""Synthetic checkpoints in MedGemma's published layout, with the real Gemma 3 tokenizer files."""

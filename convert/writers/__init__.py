@@ -1,0 +1,1 @@
+"""Artifact writers: GGUF decoder and mmproj, ONNX vision encoder and decoder."""

@@ -1,0 +1,1 @@
+"""ONNX Runtime: sessions and providers, the decoder graph, the vision encoder graph."""

@@ -1,0 +1,1 @@
+"""Measurement: benchmarks, the llama.cpp baseline, hardware fingerprint and advice, validation reports."""

@@ -1,0 +1,96 @@
+"""Helpers shared by the test modules (imported from here, never from another test file)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medgemma_edge.bundle.precisions import names
+
+CLI = Path(sys.executable).with_name("medgemma-edge")
+TIMEOUT_S = 300
+
+# Every precision the session bundle holds, from the one precision table. int8_static needs
+# calibration images, so its tests convert it themselves.
+ALL_GGUF = list(names("decoder", "gguf"))
+ALL_MMPROJ = list(names("encoder", "gguf"))
+ALL_ONNX_VISION = [p for p in names("encoder", "onnx") if p != "int8_static"]
+ALL_ONNX_DECODER = list(names("decoder", "onnx"))
+ENCODERS = [f"gguf:{p}" for p in ALL_MMPROJ] + [f"onnx:{p}" for p in ALL_ONNX_VISION]
+DECODERS = [f"gguf:{p}" for p in ALL_GGUF] + [f"onnx:{p}" for p in ALL_ONNX_DECODER]
+
+
+def linked_copy(src: Path, dst: Path, private: tuple[str, ...] = ()) -> Path:
+    """A copy of a bundle or checkpoint folder that costs no disk: large files are hard links.
+
+    The tiny bundle is about 2 GB (every precision of a 262k-row vocabulary), and CI's disk is shared.
+    Small files (manifest, config) and the `private` names are real copies, so a test may rewrite
+    them; a hard-linked file must only be replaced, never written in place.
+    """
+    def place(s: str, d: str) -> None:
+        if os.path.getsize(s) < (1 << 20) or Path(s).name in private:
+            shutil.copy2(s, d)
+        else:
+            os.link(s, d)
+
+    return Path(shutil.copytree(src, dst, copy_function=place))
+
+
+def cli_command(*args: str | Path) -> list[str]:
+    """The argv a user types; fails loudly (never skips) when the console script is not installed."""
+    if not CLI.is_file():
+        pytest.fail(f"console script {CLI} is missing: install the package (pip install -e .) into this venv")
+    return [str(CLI), *map(str, args)]
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, input: str | bytes | None = None,
+            timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run `medgemma-edge ARGS` as a user would (installed console script, own process, captured output)."""
+    if isinstance(input, bytes):
+        res = subprocess.run(cli_command(*args), capture_output=True, cwd=cwd, input=input, timeout=timeout)
+        return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode("utf-8", "replace"),
+                                           res.stderr.decode("utf-8", "replace"))
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=cwd, input=input, timeout=timeout)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess[str], *mentions: str | Path) -> str:
+    """The rule: non-zero exit, exactly one non-empty stderr line `error: ...` naming each of `mentions`."""
+    shown = f"exit {res.returncode}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}"
+    assert res.returncode != 0, shown
+    assert "Traceback" not in res.stdout + res.stderr, shown
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, shown
+    line = lines[0]
+    assert line.startswith("error:"), shown
+    assert "internal error" not in line, shown  # the catch-all is a bug report, not a clear message
+    for m in mentions:
+        assert str(m) in line, f"{m!s} not named in: {line}"
+    return line
+
+
+def assert_no_partials(out: Path) -> None:
+    """Nothing half-written: neither the target nor any hidden `.NAME.partial*` sibling exists."""
+    leftovers = sorted(p.name for p in out.parent.glob(f".{out.name}.partial*"))
+    leftovers += sorted(p.name for p in out.parent.glob(f"{out.name}.partial*"))
+    assert not leftovers, leftovers
+
+
+def decoder_bound(artifact_id: str) -> tuple[float, float]:
+    """(mean KL bound, top-1 floor) of a decoder precision, from the precision table."""
+    from medgemma_edge.bundle.precisions import PRECISIONS
+
+    p = PRECISIONS["decoder"][artifact_id]
+    assert p.min_top1 is not None
+    return p.max_kl, p.min_top1
+
+
+def encoder_extra(artifact_id: str) -> float:
+    """The mean KL an encoder precision may add on top of its decoder's bound."""
+    from medgemma_edge.bundle.precisions import PRECISIONS
+
+    return PRECISIONS["encoder"][artifact_id].max_kl
