@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test venv clean bench-suite backend
+.PHONY: demo test venv clean bench-suite backend chromium
 
 venv: $(STAMP)
 
@@ -15,14 +15,20 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --progress-bar off torch==2.13.0
-	$(BIN)/pip install --progress-bar off -e '.[convert,dicom,bench,dev]'
+	$(BIN)/pip install --progress-bar off -e '.[convert,dicom,bench,dev,openvino,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/medgemma-edge demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+# the page test drives Debian's chromium through Playwright (Playwright's own browser download is unreachable)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
 
 # the standard benchmark suite on full-size synthetic MedGemma 4B (about an hour on 2 cores; see benchmarks/)
 bench-suite: $(STAMP)

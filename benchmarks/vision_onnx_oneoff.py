@@ -168,7 +168,8 @@ def time_all(args: argparse.Namespace) -> dict[str, Any]:
         from medgemma_edge.backends.llama_cpp.mtmd import MtmdEncoder
 
         t0 = time.perf_counter()
-        enc = MtmdEncoder(args.mmproj, args.vocab, spec.text.hidden_size, n_threads=args.threads)
+        enc = MtmdEncoder(args.mmproj, args.vocab, spec.text.hidden_size, spec.summary()["vision"], spec.tokens_per_image,
+                          n_threads=args.threads)
         row = {"encoder": "llama.cpp mtmd F16", "precision": "f16", "load_s": round(time.perf_counter() - t0, 2),
                "size_mb": round(args.mmproj.stat().st_size / 2**20, 1), "threads": args.threads}
         outputs[row["encoder"]], row["encode"] = time_encoder(enc, image, args.reps)

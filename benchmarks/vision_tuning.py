@@ -51,7 +51,8 @@ def measure(bundle: Path, artifact: str, knobs: dict[str, Any], reps: int) -> di
     if artifact.startswith("gguf:"):
         from medgemma_edge.backends.llama_cpp.mtmd import MtmdEncoder
 
-        encode = MtmdEncoder(path, b.path(b.vocab_artifact()), hidden, n_threads=threads).encode
+        encode = MtmdEncoder(path, b.path(b.vocab_artifact()), hidden, cfg["vision"], int(cfg["tokens_per_image"]),
+                             n_threads=threads).encode
     else:
         import onnxruntime as ort
 

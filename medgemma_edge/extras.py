@@ -27,7 +27,7 @@ def require_convert_extra() -> None:
                         f"pip install torch==2.13.0 'medgemma-edge[convert]'")
 
 
-def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str],
+def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str] | None,
                        overwrite: bool = False, progress: bool = True, **onnx: Any) -> Bundle:
     """See convert.bundle_writer.convert_checkpoint (onnx: onnx_vision, onnx_decoder, calibration_images)."""
     require_convert_extra()

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def regular_file_size(path: Path) -> int | None:
+    """The size of a regular file (following links), or None for anything else: missing, a folder, a pipe,
+    a device. Callers refuse None before they open the path, so nothing ever blocks on a FIFO."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def partial_path(target: Path, kind: str = "partial") -> Path:

@@ -94,3 +94,111 @@ def encoder_extra(artifact_id: str) -> float:
     from medgemma_edge.bundle.precisions import PRECISIONS
 
     return PRECISIONS["encoder"][artifact_id].max_kl
+
+
+def artifact_path(bundle: Path, kind: str, artifact_id: str) -> Path:
+    """Where the manifest (the source of truth, never a file-name guess) puts an artifact."""
+    from medgemma_edge.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    return b.path(b.find(kind, artifact_id))
+
+
+def tampered_copy(bundle: Path, dst: Path, kind: str, artifact_id: str, edit) -> tuple[Path, Path]:
+    """A linked copy of `bundle` whose artifact is edited in place by `edit(path)`, with the manifest's size and
+    sha256 updated to match: what a malicious bundle (or --no-verify on a damaged one) hands the native libraries."""
+    import json
+
+    from medgemma_edge.fsutil import sha256_file
+
+    name = artifact_path(bundle, kind, artifact_id).name
+    copy = linked_copy(bundle, dst, private=(name,))
+    victim = copy / name
+    edit(victim)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for a in manifest["artifacts"]:
+        if a["file"] == name:
+            a["size"], a["sha256"] = victim.stat().st_size, sha256_file(victim)
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return copy, victim
+
+
+def set_gguf_value(path: Path, key: str, value: int | float) -> None:
+    """Overwrite one numeric GGUF metadata value in place (same type, same size)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r+")
+    reader.fields[key].parts[-1][0] = value
+    reader.data.flush()  # type: ignore[attr-defined]
+
+
+class ServeProcess:
+    """`medgemma-edge serve ARGS --port 0` in its own process: the announced address, bounded waits, and a stop
+    that never leaves it running (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, *args: str | Path, wait_ready: bool = True, timeout: float = 120.0) -> None:
+        import re
+        import threading
+        import time
+
+        self.proc = subprocess.Popen(cli_command("serve", *args, "--port", "0"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout
+        self.url = ""
+        while not self.url:
+            found = [m for line in list(self.lines) if (m := re.search(r"listening on (http://\S+)", line))]
+            if found:
+                self.url = found[0].group(1)
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"the server did not start:\n{self.stderr}")
+            else:
+                time.sleep(0.05)
+        if wait_ready:
+            self.wait_ready(deadline - time.monotonic())
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"the server did not become ready:\n{self.stderr}")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(20)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS line")

@@ -65,10 +65,10 @@ def test_render_shows_what_the_model_sees(tmp_path: Path) -> None:
     np.testing.assert_array_equal(written, expected)
 
 
-def test_frame_selection_and_errors(tiny_bundle: Path) -> None:
+def test_frame_selection_and_errors(tiny_bundle: Path, tmp_path: Path) -> None:
     multi = Path(pydicom.data.get_testdata_file("rtdose.dcm"))
     n = int(pydicom.dcmread(multi, stop_before_pixels=True).NumberOfFrames)
-    first = _cli("render", str(multi), "-o", "/dev/null", "--frame", "0")
+    first = _cli("render", str(multi), "-o", str(tmp_path / "frame0.png"), "--frame", "0")
     assert first.returncode == 0, first.stderr
     bad = _cli("run", "--bundle", str(tiny_bundle), "--image", str(multi), "--dicom-frame", str(n + 5), "x")
     lines = [line for line in bad.stderr.splitlines() if line.strip()]

@@ -236,7 +236,7 @@ def test_images_mutated(tmp_path: Path, seed_images: dict[str, bytes], seed: str
 # -- GGUF headers --------------------------------------------------------------------------------------
 def _artifact(bundle: Path, prefix: str) -> Path:
     manifest = json.loads((bundle / MANIFEST).read_text())
-    files = sorted(a["file"] for a in manifest["artifacts"] if a["file"].startswith(prefix))
+    files = sorted(a["file"] for a in manifest["artifacts"] if a["format"] == "gguf" and a["file"].startswith(prefix))
     return bundle / min(files, key=lambda f: (bundle / f).stat().st_size)
 
 

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from medgemma_edge.errors import UserError
-from medgemma_edge.inputs.images import MAX_PIXELS, check_image_path, load_image, resize_square
+from medgemma_edge.inputs.images import check_image_path, load_image, resize_square
+from medgemma_edge.inputs.limits import MAX_PIXELS
 
 CLI = Path(sys.executable).with_name("medgemma-edge")
 

@@ -179,9 +179,9 @@ def test_encoder_matches_mtmd(exported, tiny_bundle: Path, xray_png: Path) -> No
 
     bundle = open_bundle(tiny_bundle)
     mmproj = bundle.path(bundle.find("encoder", "gguf:f32"))
-    vocab = min((a for a in bundle.artifacts if a.kind == "decoder"), key=lambda a: a.size)
+    vocab = bundle.vocab_artifact()
     image = resize_square(xray_png, 64)
-    mtmd = MtmdEncoder(mmproj, bundle.path(vocab), 256, n_threads=2)
+    mtmd = MtmdEncoder(mmproj, bundle.path(vocab), 256, bundle.config["vision"], 16, n_threads=2)
     try:
         theirs = mtmd.encode(image)
     finally:

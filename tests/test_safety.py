@@ -79,6 +79,47 @@ def test_convert_runs_offline_with_hub_flags_set(tiny_ckpt: Path, tmp_path: Path
     assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
 
 
+def _dicom_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A real CT from pydicom's test data, as a file and alone in a folder (calibration images)."""
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "dicom"
+    folder.mkdir(parents=True)
+    ct = folder / "ct.dcm"
+    ct.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    return ct, folder
+
+
+def _offline_commands(tiny_bundle: Path, tiny_ckpt: Path, tmp_path: Path) -> list[tuple[list[str], str | None]]:
+    ct, calib = _dicom_inputs(tmp_path)
+    return [
+        ([CLI, "run", "--bundle", str(tiny_bundle), "--image", str(ct), "--max-new-tokens", "2", "Describe"], None),
+        ([CLI, "chat", "--bundle", str(tiny_bundle), "--image", str(ct), "--max-new-tokens", "2"], "Describe\nMore?\n"),
+        ([CLI, "render", str(ct), "-o", str(tmp_path / "seen.png")], None),
+        ([CLI, "convert", str(tiny_ckpt), "-o", str(tmp_path / "b"), "--gguf", "q8_0", "--mmproj", "",
+          "--onnx-vision", "int8_static", "--calibration-images", str(calib)], None),
+    ]
+
+
+def test_dicom_input_and_convert_never_open_a_socket(tiny_bundle: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """Reading DICOM once imported pydicom's test-data downloader, whose requests/urllib3 bound ::1 at import."""
+    env = _offline_env(tmp_path)
+    for cmd, stdin in _offline_commands(tiny_bundle, tiny_ckpt, tmp_path):
+        out = subprocess.run(cmd, env=env, input=stdin, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0 and "NETWORK" not in out.stderr, (cmd[1], out.stderr)
+
+
+def test_the_same_commands_run_in_a_network_namespace(tiny_bundle: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """No interface but a downed loopback: anything that needed the network would fail here."""
+    probe = subprocess.run(["unshare", "-rn", sys.executable, "-c",
+                            "import socket; socket.create_connection(('127.0.0.1', 9), timeout=2)"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0 and "unreachable" in probe.stderr.lower(), probe.stderr  # the namespace isolates
+    for cmd, stdin in _offline_commands(tiny_bundle, tiny_ckpt, tmp_path / "netns"):
+        out = subprocess.run(["unshare", "-rn", *cmd], input=stdin, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, (cmd[1], out.stderr)
+
+
 def test_hub_id_is_refused_with_the_way_forward() -> None:
     with pytest.raises(UserError, match="never downloads.*medgemma-edge convert"):
         medgemma_edge.load("google/medgemma-4b-it")

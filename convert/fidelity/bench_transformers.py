@@ -19,16 +19,17 @@ from medgemma_edge.measure.worker import RESULT_PREFIX, CpuWatch, peak_rss_mb
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-    from convert.fidelity.reference import messages
+    from convert.fidelity.reference import messages, reference_classes
 
     watch = CpuWatch()
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    processor = AutoProcessor.from_pretrained(spec["reference"])
-    model = Gemma3ForConditionalGeneration.from_pretrained(spec["reference"], dtype=torch.float32).eval()
+    model_cls, processor_cls, text_only = reference_classes(spec["reference"])  # Gemma3ForCausalLM when text-only
+    processor = processor_cls.from_pretrained(spec["reference"])
+    model = model_cls.from_pretrained(spec["reference"], dtype=torch.float32).eval()
+    tokenizer = processor if text_only else processor.tokenizer
     load_s = time.perf_counter() - t0
 
     marks: dict[str, float] = {}
@@ -38,8 +39,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             marks.setdefault(name, time.perf_counter())
         return hook
 
-    model.model.vision_tower.register_forward_pre_hook(mark("enc0"))
-    model.model.multi_modal_projector.register_forward_hook(mark("enc1"))
+    if not text_only:
+        model.model.vision_tower.register_forward_pre_hook(mark("enc0"))
+        model.model.multi_modal_projector.register_forward_hook(mark("enc1"))
 
     def step(ids: torch.Tensor, past: Any, **extra: Any) -> tuple[int, Any]:
         out = model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
@@ -63,14 +65,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             tokens.append(tok)
         decode_s = time.perf_counter() - t_first
         # follow-up: the answer's last token and the next user turn, on the same cache
-        follow = processor.tokenizer(f"<end_of_turn>\n<start_of_turn>user\n{spec['followup']}<end_of_turn>\n"
+        follow = tokenizer(f"<end_of_turn>\n<start_of_turn>user\n{spec['followup']}<end_of_turn>\n"
                                      f"<start_of_turn>model\n", add_special_tokens=False, return_tensors="pt")
         ids = torch.cat([torch.tensor([[tokens[-1]]]), follow["input_ids"]], dim=1)
         mask = None if mask is None else torch.cat([mask, mask.new_ones(1, ids.shape[1])], dim=1)
         t1 = time.perf_counter()
         step(ids, past, attention_mask=mask)
         followup_ms = (time.perf_counter() - t1) * 1e3
-    n_image = int((prompt_ids == model.config.image_token_id).sum())
+    n_image = 0 if text_only else int((prompt_ids == model.config.image_token_id).sum())
     encode_ms = (marks["enc1"] - marks["enc0"]) * 1e3 if "enc1" in marks else 0.0
     n_prompt = int(prompt_ids.shape[1])
     prefill_s = (t_first - t0) - encode_ms / 1e3

@@ -79,13 +79,17 @@ def check_reference(reference: Path, bundle: Bundle) -> None:
                         f"the bundle was converted from")
     # through JSON, as the manifest was: tuples become lists, so equal shapes compare equal
     ref = json.loads(json.dumps(load_spec(reference).summary()))
+    if ("vision" in ref) != bundle.has_vision:
+        kinds = {True: "multimodal", False: "text-only"}
+        raise UserError(f"{reference}: a {kinds['vision' in ref]} checkpoint but {bundle.dir} is a "
+                        f"{kinds[bundle.has_vision]} bundle; pass the checkpoint it was converted from")
     for section in ("text", "vision"):
         for key, value in (ref.get(section) or {}).items():
             have = (bundle.config.get(section) or {}).get(key)
             if have != value and not (have is None and key in ("image_mean", "image_std")):  # older bundles lack these
                 raise UserError(f"{reference}: {section}.{key} is {value} but the bundle's is {have}; this checkpoint "
                                 f"is another model, pass the one {bundle.dir} was converted from")
-    if ref["tokens_per_image"] != bundle.config["tokens_per_image"]:
+    if bundle.has_vision and ref["tokens_per_image"] != bundle.config["tokens_per_image"]:
         raise UserError(f"{reference}: {ref['tokens_per_image']} tokens per image but the bundle has "
                         f"{bundle.config['tokens_per_image']}; pass the checkpoint {bundle.dir} was converted from")
     from convert.checkpoint import Checkpoint
@@ -114,11 +118,14 @@ def partner(bundle: Bundle, kind: str) -> Artifact | None:
     return have[order[0]] if order else None
 
 
-def make_cases(prompts: list[str], images: list[Path], workdir: Path) -> list[Case]:
-    """Every prompt text-only; every image once, asked the prompts in turn (the built-in film if none)."""
+def make_cases(prompts: list[str], images: list[Path], workdir: Path, with_images: bool = True) -> list[Case]:
+    """Every prompt text-only; every image once, asked the prompts in turn (the built-in film if none).
+    `with_images` False (a text-only bundle): the prompts alone."""
     from medgemma_edge.inputs.images import load_image, to_rgb
     from medgemma_edge.inputs.samples import sample_image
 
+    if not with_images:
+        return [Case(f"text-{i + 1}", p, None, None) for i, p in enumerate(prompts)]
     sources: list[tuple[str, Path]] = [(str(p), p) for p in images]
     if not images:  # a non-square film: the resize must stretch, as for real radiographs
         sources = [("built-in", sample_image(workdir / "builtin.png"))]
@@ -145,5 +152,6 @@ def preflight(bundle: Bundle, reference: Path, pairs: list[tuple[Artifact, Artif
     for dec, enc in pairs:
         kv_bytes = 4 if dec.precision == "f32" or dec.format == "onnx" else 2  # as loader.load estimates
         weights = sum(a.total_size for a in (dec, enc) if a)
-        need = memory.estimate(cfg, weights, n_ctx, max(512, int(cfg["tokens_per_image"])), kv_bytes, enc is not None)
+        need = memory.estimate(cfg, weights, n_ctx, max(512, int(cfg.get("tokens_per_image", 0))), kv_bytes,
+                               enc is not None)
         memory.preflight(need, None, force, f"{bundle.dir} ({dec.id} with {enc.id if enc else 'no encoder'})")

@@ -43,6 +43,12 @@ def decisive_top1(ref: np.ndarray, ours: np.ndarray) -> tuple[float, bool]:
     return float(decisive.mean()), bool((ref.argmax(-1) == ours.argmax(-1))[decisive].all())
 
 
+def decisive_counts(ref: np.ndarray, ours: np.ndarray) -> tuple[int, int]:
+    """(decisive positions, how many of them agree on top-1): the rule of `decisive_top1`, as counts that pool."""
+    decisive = top2_margin(ref) > 2 * np.abs(ref - ours).max(axis=-1)
+    return int(decisive.sum()), int((ref.argmax(-1) == ours.argmax(-1))[decisive].sum())
+
+
 def compare(ref: np.ndarray, ours: np.ndarray) -> dict[str, float]:
     """Per-token cosine (min and mean over every token of every image) and max |difference|."""
     ref64, ours64 = ref.astype(np.float64), ours.astype(np.float64)
@@ -56,13 +62,23 @@ def chunked_parity(ref: np.ndarray, ours: np.ndarray) -> dict[str, float]:
     n = len(ref)
     kl_sum = top1_sum = 0.0
     max_kl = max_abs = 0.0
+    n_decisive = n_agree = 0
     for i in range(0, n, CHUNK):
         m = parity(ref[i:i + CHUNK], ours[i:i + CHUNK])
+        d, a = decisive_counts(ref[i:i + CHUNK], ours[i:i + CHUNK])
         k = min(CHUNK, n - i)
         kl_sum += m["mean_kl"] * k
         top1_sum += m["top1"] * k
+        n_decisive, n_agree = n_decisive + d, n_agree + a
         max_kl, max_abs = max(max_kl, m["max_kl"]), max(max_abs, m["max_abs"])
-    return {"mean_kl": kl_sum / n, "max_kl": max_kl, "top1": top1_sum / n, "max_abs": max_abs, "positions": n}
+    return {"mean_kl": kl_sum / n, "max_kl": max_kl, "top1": top1_sum / n, "max_abs": max_abs, "positions": n,
+            **_decisive(n_decisive, n_agree, n)}
+
+
+def _decisive(n_decisive: int, n_agree: int, n: int) -> dict[str, float | int | None]:
+    """Margin-aware top-1 beside plain top-1: agreement at the decisive positions, and their share."""
+    return {"decisive_positions": n_decisive, "decisive_agree": n_agree, "decisive_share": n_decisive / n,
+            "decisive_top1": n_agree / n_decisive if n_decisive else None}
 
 
 def pool(per_case: list[dict[str, float]]) -> dict[str, float] | None:
@@ -70,10 +86,12 @@ def pool(per_case: list[dict[str, float]]) -> dict[str, float] | None:
     if not per_case:
         return None
     n = sum(m["positions"] for m in per_case)
+    n_decisive, n_agree = sum(m["decisive_positions"] for m in per_case), sum(m["decisive_agree"] for m in per_case)
     return {"mean_kl": sum(m["mean_kl"] * m["positions"] for m in per_case) / n,
             "max_kl": max(m["max_kl"] for m in per_case),
             "top1": sum(m["top1"] * m["positions"] for m in per_case) / n,
-            "max_abs": max(m["max_abs"] for m in per_case), "positions": n, "prompts": len(per_case)}
+            "max_abs": max(m["max_abs"] for m in per_case), "positions": n, "prompts": len(per_case),
+            **_decisive(n_decisive, n_agree, n)}
 
 
 def greedy_agreement(ref: list[list[int]], ours: list[list[int]]) -> dict[str, float]:

@@ -20,22 +20,41 @@ def messages(prompt: str, n_images: int, system: str | None) -> list[dict[str, A
     return out
 
 
+def reference_classes(checkpoint: Path) -> tuple[Any, Any, bool]:
+    """(model class, processor class, text_only): Gemma3ForCausalLM with its tokenizer for a text-only
+    checkpoint, Gemma3ForConditionalGeneration with its processor otherwise."""
+    from transformers import AutoProcessor, AutoTokenizer, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    from convert.registry import load_spec
+
+    if load_spec(Path(checkpoint)).vision is None:
+        return Gemma3ForCausalLM, AutoTokenizer, True
+    return Gemma3ForConditionalGeneration, AutoProcessor, False
+
+
 class Reference:
-    """Gemma3ForConditionalGeneration in float32 with eager attention, plus its processor."""
+    """Gemma3ForConditionalGeneration (or Gemma3ForCausalLM for a text-only checkpoint) in float32 with
+    eager attention, plus its processor (or tokenizer)."""
 
     def __init__(self, checkpoint: Path) -> None:
         import torch
-        from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
         self.torch = torch
-        self.processor = AutoProcessor.from_pretrained(checkpoint)
-        self.model, info = Gemma3ForConditionalGeneration.from_pretrained(
+        model_cls, processor_cls, self.text_only = reference_classes(checkpoint)
+        self.processor = processor_cls.from_pretrained(checkpoint)
+        self.model, info = model_cls.from_pretrained(
             checkpoint, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
         # a tensor transformers did not find would be silently random: parity would then be meaningless
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         self.model.eval()
 
+    @property
+    def name(self) -> str:
+        return f"transformers {type(self.model).__name__}, float32, eager attention"
+
     def inputs(self, prompt: str, images: list[Path], system: str | None = None) -> dict[str, Any]:
+        if images and self.text_only:
+            raise ValueError("a text-only reference takes no images")
         kwargs = {"processor_kwargs": {"images": [Image.open(p) for p in images]}} if images else {}
         return self.processor.apply_chat_template(messages(prompt, len(images), system), add_generation_prompt=True,
                                                   tokenize=True, return_dict=True, return_tensors="pt", **kwargs)

@@ -2,7 +2,8 @@
 
 Its spec (read from a Hugging Face `config.json` in any of the layouts we accept), its checkpoint
 tensor prefixes and tensor tables (GGUF decoder and mmproj names), and its refusals: shapes
-llama.cpp would compute differently from transformers.
+llama.cpp would compute differently from transformers. The text half (`text_spec`, `text_problems`)
+is shared with the text-only family, convert/models/gemma3_text.py (MedGemma 27B text).
 
 The published MedGemma 4B config (transformers 4.50) spells RoPE as `rope_theta`/`rope_scaling`/
 `rope_local_base_freq` and the layer mix as `sliding_window_pattern`; transformers 5 saves
@@ -128,32 +129,38 @@ class VisionSpec:
 @dataclass(frozen=True)
 class MedGemmaSpec:
     text: TextSpec
-    vision: VisionSpec
+    vision: VisionSpec | None  # None: a text-only checkpoint (Gemma3ForCausalLM), no image input at all
     tokens_per_image: int
     boi_token_id: int
     eoi_token_id: int
     image_token_id: int
     eos_token_ids: tuple[int, ...] = field(default=(1, 106))
+    architecture: str = ARCHITECTURE
 
     @property
     def pool_factor(self) -> int:
         """Side length of the average-pooling kernel that turns the patch grid into image tokens."""
+        if self.vision is None:
+            raise ValueError(f"{self.architecture} has no vision part, so no pooling factor")
         return self.vision.patches_per_side // math.isqrt(self.tokens_per_image)
 
     def summary(self) -> dict[str, Any]:
-        """The config summary the bundle manifest records (and the runtime checks against)."""
-        return {
-            "architecture": ARCHITECTURE,
+        """The config summary the bundle manifest records (and the runtime checks against); a text-only
+        spec writes no vision section and no image-token facts (the manifest reader treats them as optional)."""
+        out: dict[str, Any] = {
+            "architecture": self.architecture,
             "text": {**asdict(self.text), "layer_types": list(self.text.layer_types)},
-            "vision": {**asdict(self.vision), "image_mean": list(self.vision.image_mean),
-                       "image_std": list(self.vision.image_std)},
-            "tokens_per_image": self.tokens_per_image,
-            "pool_factor": self.pool_factor,
-            "boi_token_id": self.boi_token_id,
-            "eoi_token_id": self.eoi_token_id,
-            "image_token_id": self.image_token_id,
-            "eos_token_ids": list(self.eos_token_ids),
         }
+        if self.vision is not None:
+            out.update({
+                "vision": {**asdict(self.vision), "image_mean": list(self.vision.image_mean),
+                           "image_std": list(self.vision.image_std)},
+                "tokens_per_image": self.tokens_per_image,
+                "pool_factor": self.pool_factor,
+                "image_token_id": self.image_token_id,
+            })
+        return {**out, "boi_token_id": self.boi_token_id, "eoi_token_id": self.eoi_token_id,
+                "eos_token_ids": list(self.eos_token_ids)}
 
 
 def _layer_types(tc: dict[str, Any], n_layers: int) -> tuple[str, ...]:
@@ -177,34 +184,47 @@ def _rope(tc: dict[str, Any]) -> tuple[float, float, float | None]:
     return float(tc.get("rope_theta", 1e6)), float(tc.get("rope_local_base_freq", 1e4)), factor
 
 
+def text_spec(tc: dict[str, Any]) -> TextSpec:
+    """The decoder's spec from a Gemma 3 text config (`text_config`, or the flat config of Gemma3ForCausalLM).
+
+    Raises KeyError/TypeError/ValueError on a malformed config; callers turn them into one-line errors.
+    """
+    n_layers = int(tc["num_hidden_layers"])
+    head_dim = int(tc.get("head_dim", 256))
+    rope_theta, rope_local, factor = _rope(tc)
+    return TextSpec(
+        hidden_size=int(tc["hidden_size"]),
+        intermediate_size=int(tc["intermediate_size"]),
+        num_layers=n_layers,
+        num_heads=int(tc["num_attention_heads"]),
+        num_kv_heads=int(tc["num_key_value_heads"]),
+        head_dim=head_dim,
+        query_pre_attn_scalar=float(tc.get("query_pre_attn_scalar", head_dim)),
+        sliding_window=int(tc.get("sliding_window", 1024)),
+        layer_types=_layer_types(tc, n_layers),
+        rope_theta=rope_theta,
+        rope_local_theta=rope_local,
+        rope_linear_factor=float(factor) if factor else None,
+        rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
+        vocab_size=int(tc.get("vocab_size", 262208)),
+        max_position_embeddings=int(tc.get("max_position_embeddings", 131072)),
+        hidden_activation=str(tc.get("hidden_activation", "gelu_pytorch_tanh")),
+        final_logit_softcapping=tc.get("final_logit_softcapping"),
+        attn_logit_softcapping=tc.get("attn_logit_softcapping"),
+    )
+
+
+def eos_ids(cfg: dict[str, Any], tc: dict[str, Any]) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id", tc.get("eos_token_id", [1, 106]))
+    return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos), 106)
+
+
 def spec_from_config(cfg: dict[str, Any], source: str = "config.json",
                      preprocessor: dict[str, Any] | None = None) -> MedGemmaSpec:
     """`preprocessor`: preprocessor_config.json, for the image normalisation (default 0.5 / 0.5)."""
     tc, vc = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
     try:
-        n_layers = int(tc["num_hidden_layers"])
-        head_dim = int(tc.get("head_dim", 256))
-        rope_theta, rope_local, factor = _rope(tc)
-        text = TextSpec(
-            hidden_size=int(tc["hidden_size"]),
-            intermediate_size=int(tc["intermediate_size"]),
-            num_layers=n_layers,
-            num_heads=int(tc["num_attention_heads"]),
-            num_kv_heads=int(tc["num_key_value_heads"]),
-            head_dim=head_dim,
-            query_pre_attn_scalar=float(tc.get("query_pre_attn_scalar", head_dim)),
-            sliding_window=int(tc.get("sliding_window", 1024)),
-            layer_types=_layer_types(tc, n_layers),
-            rope_theta=rope_theta,
-            rope_local_theta=rope_local,
-            rope_linear_factor=float(factor) if factor else None,
-            rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
-            vocab_size=int(tc.get("vocab_size", 262208)),
-            max_position_embeddings=int(tc.get("max_position_embeddings", 131072)),
-            hidden_activation=str(tc.get("hidden_activation", "gelu_pytorch_tanh")),
-            final_logit_softcapping=tc.get("final_logit_softcapping"),
-            attn_logit_softcapping=tc.get("attn_logit_softcapping"),
-        )
+        text = text_spec(tc)
         vision = VisionSpec(
             hidden_size=int(vc["hidden_size"]),
             intermediate_size=int(vc["intermediate_size"]),
@@ -216,7 +236,6 @@ def spec_from_config(cfg: dict[str, Any], source: str = "config.json",
             image_mean=_triple((preprocessor or {}).get("image_mean", 0.5)),
             image_std=_triple((preprocessor or {}).get("image_std", 0.5)),
         )
-        eos = cfg.get("eos_token_id", tc.get("eos_token_id", [1, 106]))
         spec = MedGemmaSpec(
             text=text,
             vision=vision,
@@ -224,7 +243,7 @@ def spec_from_config(cfg: dict[str, Any], source: str = "config.json",
             boi_token_id=int(cfg.get("boi_token_index", 255999)),
             eoi_token_id=int(cfg.get("eoi_token_index", 256000)),
             image_token_id=int(cfg.get("image_token_index", 262144)),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos), 106),
+            eos_token_ids=eos_ids(cfg, tc),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{source}: malformed MedGemma config ({exc!r}); is this a Gemma 3 checkpoint?") from exc
@@ -239,15 +258,22 @@ def _triple(value: Any) -> tuple[float, float, float]:
     return values[0], values[1], values[2]
 
 
-def check_runnable(spec: MedGemmaSpec, source: str) -> None:
-    """Refuse shapes the llama.cpp runtime would silently compute differently from transformers."""
-    t, v = spec.text, spec.vision
+def text_problems(t: TextSpec) -> list[str]:
+    """What llama.cpp's Gemma 3 decoder would compute differently from transformers for this text config."""
     problems: list[str] = []
-    # ref: llama.cpp src/models/gemma3.cpp scales queries by 1/sqrt(head_dim), or by
-    # 1/sqrt(hidden/heads) for the 62-layer 27B; it never reads query_pre_attn_scalar.
-    expected = t.hidden_size / t.num_heads if t.num_layers == 62 else t.head_dim
+    # ref: llama.cpp src/models/gemma3.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(n_embd / n_head)
+    # (integer division) for the 62-layer 27B; it never reads query_pre_attn_scalar.
+    if t.num_layers == 62:
+        expected = float(t.hidden_size // t.num_heads)
+        if t.hidden_size % t.num_heads:
+            problems.append(f"hidden_size {t.hidden_size} is not a multiple of {t.num_heads} heads (a 62-layer "
+                            f"model's query scale is llama.cpp's integer hidden/heads)")
+    else:
+        expected = float(t.head_dim)
     if t.query_pre_attn_scalar != expected:
-        problems.append(f"query_pre_attn_scalar {t.query_pre_attn_scalar:g} != {expected:g} (llama.cpp's fixed query scale)")
+        rule = "hidden/heads, as for every 62-layer model" if t.num_layers == 62 else "head_dim"
+        problems.append(f"query_pre_attn_scalar {t.query_pre_attn_scalar:g} != {expected:g} (llama.cpp's fixed "
+                        f"query scale: {rule})")
     if t.attn_logit_softcapping is not None:
         problems.append("attn_logit_softcapping is set (Gemma 3 has none; llama.cpp ignores it)")
     if t.hidden_activation != "gelu_pytorch_tanh":
@@ -256,6 +282,21 @@ def check_runnable(spec: MedGemmaSpec, source: str) -> None:
         problems.append(f"{len(t.layer_types)} layer_types for {t.num_layers} layers")
     if t.num_heads % t.num_kv_heads:
         problems.append(f"{t.num_heads} heads not divisible by {t.num_kv_heads} KV heads")
+    return problems
+
+
+def refuse(problems: list[str], source: str) -> None:
+    if problems:
+        raise UserError(f"{source}: this checkpoint cannot run faithfully on llama.cpp: " + "; ".join(problems))
+
+
+def check_runnable(spec: MedGemmaSpec, source: str) -> None:
+    """Refuse shapes the llama.cpp runtime would silently compute differently from transformers."""
+    t, v = spec.text, spec.vision
+    problems = text_problems(t)
+    if v is None:  # text-only: nothing below applies
+        refuse(problems, source)
+        return
     if v.intermediate_size == v.hidden_size:
         # ref: llama.cpp clip.cpp swaps ffn up/down for Gemma 3 when ffn_down's rows equal n_embd
         problems.append("vision intermediate_size equals hidden_size (mtmd would swap the FFN weights)")
@@ -272,8 +313,7 @@ def check_runnable(spec: MedGemmaSpec, source: str) -> None:
             f"sliding_window {t.sliding_window} < tokens per image {spec.tokens_per_image} "
             "(an image span would not fit one window, where llama.cpp and transformers disagree)"
         )
-    if problems:
-        raise UserError(f"{source}: this checkpoint cannot run faithfully on llama.cpp: " + "; ".join(problems))
+    refuse(problems, source)
 
 
 def _parse(cfg: dict[str, Any], source: str, folder: Path | None) -> MedGemmaSpec:

@@ -24,13 +24,15 @@ from medgemma_edge.fsutil import publishing_dir
 
 log = logging.getLogger(__name__)
 
-# Shapes of MedGemma 4B (google/medgemma-4b-it config.json).
+# Shapes of MedGemma 4B (google/medgemma-4b-it config.json). query_pre_attn_scalar None: head_dim.
+# text_only: a flat Gemma3ForCausalLM checkpoint (`model.*` tensors, no vision tower), as MedGemma 27B text-it.
 PRESETS: dict[str, dict[str, Any]] = {
     "4b": dict(
         hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
         num_key_value_heads=4, head_dim=256, sliding_window=1024, sliding_window_pattern=6,
         vision_hidden_size=1152, vision_intermediate_size=4304, vision_layers=27, vision_heads=16,
         image_size=896, patch_size=14, mm_tokens_per_image=256, init="standard",
+        query_pre_attn_scalar=None, text_only=False,
     ),
     # Small enough for CI, big enough to mean something: one global layer among five sliding
     # ones, a window shorter than a test prompt, rows a multiple of 256 so Q4_K really applies.
@@ -39,15 +41,43 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=2, head_dim=64, sliding_window=32, sliding_window_pattern=6,
         vision_hidden_size=128, vision_intermediate_size=256, vision_layers=2, vision_heads=4,
         image_size=64, patch_size=8, mm_tokens_per_image=16, init="peaked",
+        query_pre_attn_scalar=None, text_only=False,
     ),
 }
+PRESETS["tiny-text"] = {**PRESETS["tiny"], "text_only": True}
+# MedGemma 27B's rules on thin layers: 62 of them (the count llama.cpp keys its query scale on), head_dim
+# below hidden/heads (27B: 128 < 5376/32 = 168; here 48 < 256/4 = 64) and query_pre_attn_scalar = hidden/heads.
+PRESETS["tiny-27b"] = {**PRESETS["tiny"], "num_hidden_layers": 62, "intermediate_size": 256, "head_dim": 48,
+                       "query_pre_attn_scalar": 64}
+PRESETS["tiny-27b-text"] = {**PRESETS["tiny-27b"], "text_only": True}
 VOCAB_SIZE = 262208
 SHARD_BYTES = 2 << 30
 
 
-def build_config(p: dict[str, Any]) -> dict[str, Any]:
-    """config.json exactly as the published MedGemma 4B spells it (transformers 4.50 keys)."""
+def _text_config(p: dict[str, Any]) -> dict[str, Any]:
     head_dim = p["head_dim"]
+    return {
+        "attention_bias": False, "attention_dropout": 0.0, "attn_logit_softcapping": None,
+        "cache_implementation": "hybrid", "final_logit_softcapping": None, "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": p["hidden_size"],
+        "initializer_range": 0.02, "intermediate_size": p["intermediate_size"],
+        "max_position_embeddings": 131072, "model_type": "gemma3_text",
+        "num_attention_heads": p["num_attention_heads"], "num_hidden_layers": p["num_hidden_layers"],
+        "num_key_value_heads": p["num_key_value_heads"],
+        "query_pre_attn_scalar": p["query_pre_attn_scalar"] or head_dim,
+        "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rope_theta": 1000000.0,
+        "sliding_window": p["sliding_window"], "sliding_window_pattern": p["sliding_window_pattern"],
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": VOCAB_SIZE,
+    }
+
+
+def build_config(p: dict[str, Any]) -> dict[str, Any]:
+    """config.json exactly as the published MedGemma 4B spells it (transformers 4.50 keys); text-only: the
+    flat Gemma3ForCausalLM config MedGemma 27B text-it publishes."""
+    if p["text_only"]:
+        return {"architectures": ["Gemma3ForCausalLM"], "bos_token_id": 2, "eos_token_id": [1, 106],
+                "pad_token_id": 0, **_text_config(p), "transformers_version": "4.51.3"}
     return {
         "architectures": ["Gemma3ForConditionalGeneration"],
         "boi_token_index": 255999,
@@ -57,19 +87,7 @@ def build_config(p: dict[str, Any]) -> dict[str, Any]:
         "initializer_range": 0.02,
         "mm_tokens_per_image": p["mm_tokens_per_image"],
         "model_type": "gemma3",
-        "text_config": {
-            "attention_bias": False, "attention_dropout": 0.0, "attn_logit_softcapping": None,
-            "cache_implementation": "hybrid", "final_logit_softcapping": None, "head_dim": head_dim,
-            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": p["hidden_size"],
-            "initializer_range": 0.02, "intermediate_size": p["intermediate_size"],
-            "max_position_embeddings": 131072, "model_type": "gemma3_text",
-            "num_attention_heads": p["num_attention_heads"], "num_hidden_layers": p["num_hidden_layers"],
-            "num_key_value_heads": p["num_key_value_heads"], "query_pre_attn_scalar": head_dim,
-            "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0,
-            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rope_theta": 1000000.0,
-            "sliding_window": p["sliding_window"], "sliding_window_pattern": p["sliding_window_pattern"],
-            "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": VOCAB_SIZE,
-        },
+        "text_config": _text_config(p),
         "torch_dtype": "bfloat16",
         "transformers_version": "4.50.0.dev0",
         "vision_config": {
@@ -96,9 +114,10 @@ def tensor_plan(p: dict[str, Any]) -> list[TensorPlan]:
     nh, nkv = p["num_attention_heads"], p["num_key_value_heads"]
     vh, vff = p["vision_hidden_size"], p["vision_intermediate_size"]
     n_patches = (p["image_size"] // p["patch_size"]) ** 2
-    out = [TensorPlan("language_model.model.embed_tokens.weight", (VOCAB_SIZE, h), "embed")]
+    lm = "model." if p["text_only"] else "language_model.model."  # Gemma3ForCausalLM / the published VLM
+    out = [TensorPlan(lm + "embed_tokens.weight", (VOCAB_SIZE, h), "embed")]
     for i in range(p["num_hidden_layers"]):
-        b = f"language_model.model.layers.{i}."
+        b = f"{lm}layers.{i}."
         out += [
             TensorPlan(b + "input_layernorm.weight", (h,), "norm"),
             TensorPlan(b + "self_attn.q_proj.weight", (nh * hd, h), "matrix"),
@@ -114,7 +133,9 @@ def tensor_plan(p: dict[str, Any]) -> list[TensorPlan]:
             TensorPlan(b + "mlp.up_proj.weight", (ff, h), "matrix"),
             TensorPlan(b + "mlp.down_proj.weight", (h, ff), "matrix"),
         ]
-    out.append(TensorPlan("language_model.model.norm.weight", (h,), "norm"))
+    out.append(TensorPlan(lm + "norm.weight", (h,), "norm"))
+    if p["text_only"]:
+        return out
     v = "vision_tower.vision_model."
     out += [
         TensorPlan(v + "embeddings.patch_embedding.weight", (vh, 3, p["patch_size"], p["patch_size"]), "matrix"),
@@ -154,7 +175,7 @@ def _scale(t: TensorPlan, init: str) -> tuple[float, float]:
         # predict the current token again, and logits are sharp but not saturated.
         if init == "peaked" and t.name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
             return 2.0, 0.1
-        if init == "peaked" and t.name == "language_model.model.norm.weight":
+        if init == "peaked" and t.name in ("language_model.model.norm.weight", "model.norm.weight"):
             return 5.0, 0.1
         return 0.0, 0.1
     if t.kind == "ln_w":
@@ -227,7 +248,8 @@ def synth_params(size: str, **overrides: Any) -> dict[str, Any]:
 
 
 def synthesize(out_dir: Path, size: str = "tiny", seed: int = 0, progress: bool = True, **overrides: Any) -> Path:
-    """Write a random-weight MedGemma checkpoint folder (config, safetensors, tokenizer, processor)."""
+    """Write a random-weight MedGemma checkpoint folder (config, safetensors, tokenizer, processor; a text-only
+    size has no vision tower and no image processor files)."""
     from convert.registry import spec_from_config
 
     p = synth_params(size, **overrides)
@@ -254,7 +276,8 @@ def _write_checkpoint(tmp: Path, p: dict[str, Any], config: dict[str, Any], size
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 2, "cache_implementation": "hybrid", "do_sample": False,
          "eos_token_id": [1, 106], "pad_token_id": 0, "transformers_version": "4.50.0.dev0"}, indent=2) + "\n")
-    write_tokenizer_files(tmp, tokens_per_image=p["mm_tokens_per_image"], image_size=p["image_size"])
+    write_tokenizer_files(tmp, tokens_per_image=p["mm_tokens_per_image"], image_size=p["image_size"],
+                          vision=not p["text_only"])
 
     plan = tensor_plan(p)
     rng = np.random.default_rng(seed)

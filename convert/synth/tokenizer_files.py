@@ -209,10 +209,11 @@ def _small_files(tokens_per_image: int, image_size: int) -> dict[str, dict | str
     }
 
 
-def write_tokenizer_files(out_dir: Path, *, tokens_per_image: int, image_size: int) -> list[str]:
+def write_tokenizer_files(out_dir: Path, *, tokens_per_image: int, image_size: int, vision: bool = True) -> list[str]:
     """Write tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json,
     added_tokens.json, chat_template.json (or chat_template.jinja, as transformers 5 saves it),
-    processor_config.json and preprocessor_config.json into out_dir; return the file names written."""
+    and, unless `vision` is False (a text-only checkpoint), processor_config.json and
+    preprocessor_config.json into out_dir; return the file names written."""
     if tokens_per_image <= 0 or image_size <= 0:
         raise ValueError("tokens_per_image and image_size must be positive")
     out_dir = Path(out_dir)
@@ -223,6 +224,8 @@ def write_tokenizer_files(out_dir: Path, *, tokens_per_image: int, image_size: i
         shutil.copyfile(cache / name, out_dir / name)
         written.append(name)
     for name, content in _small_files(tokens_per_image, image_size).items():
+        if not vision and name in ("processor_config.json", "preprocessor_config.json"):
+            continue
         if isinstance(content, str):
             (out_dir / name).write_text(content, encoding="utf-8")
         else:

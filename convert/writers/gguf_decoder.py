@@ -6,13 +6,15 @@ get. At 27B an f32 scratch file would be 108 GB; the bf16 one is half that."""
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import gguf
 
 from convert.checkpoint import Checkpoint, iter_layers
-from convert.registry import read_json
 from convert.models.gemma3 import DECODER_TENSORS, MedGemmaSpec
+from convert.registry import read_json
 from convert.writers.gguf_common import Q, TensorJob, add_one, write_gguf
 from medgemma_edge.errors import UserError
 
@@ -26,6 +28,11 @@ DECODER_PRECISIONS: dict[str, int] = {
     "q4_0": int(gguf.LlamaFileType.MOSTLY_Q4_0),
     "q4_k_m": int(gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
+
+
+def marker_ids(spec: Any) -> tuple[int, ...]:
+    """The ids the template places itself and user text must never produce: image delimiters, image token."""
+    return tuple(getattr(spec, k) for k in ("boi_token_id", "eoi_token_id", "image_token_id") if hasattr(spec, k))
 
 
 # safetensors dtype -> the base GGUF's type for matrices that keep it exactly
@@ -61,30 +68,32 @@ def decoder_jobs(ckpt: Checkpoint, spec: MedGemmaSpec, matrix_type: gguf.GGMLQua
     return jobs
 
 
-def _vocab(ckpt_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+def _vocab(ckpt_dir: Path, vocab_size: int, marker_ids: Sequence[int]) -> tuple[list[bytes], list[float], list[int]]:
     """Tokens, scores and types for the GGUF, from tokenizer.model plus the added tokens.
 
-    ref: llama.cpp conversion/base.py _create_vocab_sentencepiece (same token-type numbering).
+    Piece types come from the SentencePiece model itself (its user-defined pieces, e.g. whitespace runs,
+    stay user-defined even when tokenizer_config.json declares no added tokens), then the added tokens.
+    `marker_ids` (image delimiters and the image token) are typed CONTROL whatever the files say: the
+    template places them by id, and llama.cpp would match a user-defined one inside user text.
+    ref: llama.cpp conversion/base.py _create_vocab_sentencepiece (same token-type numbering as SentencePiece's).
     """
-    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2
 
     path = ckpt_dir / "tokenizer.model"
     if not path.is_file():
         raise UserError(f"{path}: missing; the Gemma 3 SentencePiece tokenizer is required to convert")
+    proto = sentencepiece_model_pb2.ModelProto()
     try:
-        sp = SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"{path}: not a readable SentencePiece model ({exc}); copy the checkpoint again") from exc
+        proto.ParseFromString(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError
+        raise UserError(f"{path}: not a readable SentencePiece model ({type(exc).__name__}); copy the checkpoint again") from exc
+    if not proto.pieces:
+        raise UserError(f"{path}: a SentencePiece model with no pieces; copy the checkpoint again")
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-1000.0] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    for i in range(min(sp.vocab_size(), vocab_size)):
-        tokens[i], scores[i] = sp.id_to_piece(i).encode(), sp.get_score(i)
-        types[i] = int(
-            gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
-            else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
-            else gguf.TokenType.NORMAL
-        )
+    for i, piece in enumerate(proto.pieces[:vocab_size]):
+        tokens[i], scores[i], types[i] = piece.piece.encode(), piece.score, int(piece.type)
     cfg_path = ckpt_dir / "tokenizer_config.json"
     try:
         for tid, tok in read_json(cfg_path).get("added_tokens_decoder", {}).items():
@@ -94,6 +103,9 @@ def _vocab(ckpt_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], l
                 types[i] = int(gguf.TokenType.CONTROL if tok.get("special") else gguf.TokenType.USER_DEFINED)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UserError(f"{cfg_path}: malformed added_tokens_decoder ({exc!r}); copy the checkpoint again") from exc
+    for i in marker_ids:
+        if 0 <= i < vocab_size:
+            types[i] = int(gguf.TokenType.CONTROL)
     return tokens, scores, types
 
 
@@ -131,7 +143,7 @@ def write_decoder_base(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precisio
     w.add_sliding_window_pattern(t.is_swa)  # explicit per-layer flags: any layer mix converts
     if t.final_logit_softcapping:
         w.add_final_logit_softcapping(t.final_logit_softcapping)
-    tokens, scores, types = _vocab(ckpt.dir, t.vocab_size)
+    tokens, scores, types = _vocab(ckpt.dir, t.vocab_size, marker_ids(spec))
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)

@@ -1,11 +1,12 @@
-"""Gemma 3 decoder -> ONNX with an explicit KV cache and an explicit attention mask.
+"""Gemma 3 decoder -> one ONNX graph with a static, in-place KV cache, streamed tensor by tensor.
 
-Our own export-friendly module (not onnxruntime-genai's builder): the builder's GroupQueryAttention
-is causal-only, but an image span must attend bidirectionally. Here the runtime passes the additive
-masks itself (one for global layers, one for sliding-window layers), so any mix of causal text,
-bidirectional image spans and windows is expressible. Tokens and image embeddings enter together:
-`input_ids` is looked up and scaled by sqrt(hidden) inside the graph, `inputs_embeds` is used
-where `embeds_mask` is 1 (image embeddings go in unscaled, as in transformers).
+No tracing and no fp32 copy of the model: every initializer is read from the checkpoint, quantized
+(block 32, symmetric, packed here; convert/writers/onnx_blockquant.py) and appended to the external
+data file before the next one is read, so the 4B int4 export needs about the memory of its largest
+tensor, not of the model. The graph (convert/writers/onnx_decoder_graph.py) keeps image spans
+bidirectional: the standard ONNX `Attention` op takes the runtime's additive masks, where
+onnxruntime-genai's GroupQueryAttention is causal only. The I/O contract is
+medgemma_edge/backends/onnx/decoder_io.py.
 """
 
 from __future__ import annotations
@@ -15,129 +16,106 @@ from pathlib import Path
 from typing import Any
 
 from convert.checkpoint import Checkpoint
-from convert.models.gemma3 import MedGemmaSpec
+from convert.models.gemma3 import MedGemmaSpec, TextSpec
+from convert.writers.onnx_blockquant import BLOCK_SIZE, quantized_bytes
+from convert.writers.onnx_decoder_graph import EMBED_CHUNK_ROWS, DecoderGraph, Quant, Weights
+from convert.writers.onnx_external import ALIGN, ExternalData
+from convert.writers.onnx_graph import OPSET, Graph
+from medgemma_edge.backends.onnx import decoder_io as io
 from medgemma_edge.errors import UserError
+from medgemma_edge.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
 # precision -> MatMulNBits weight bits (None: plain fp32 graph)
 ONNX_DECODER_PRECISIONS: dict[str, int | None] = {"fp32": None, "int8": 8, "int4": 4}
-BLOCK_SIZE = 32
+# MatMulNBits accuracy_level: 0 keeps fp32 activations; 4 quantizes them to int8 per block (faster
+# prefill). See docs/onnx-decoder.md for the greedy agreement of both on the parity prompts.
+DEFAULT_ACCURACY_LEVEL = 4
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+_BASE_RAM = 900 << 20  # the converting process before the decoder starts: Python, torch, onnx, numpy
 
 
-def _module(ckpt: Checkpoint, spec: MedGemmaSpec) -> Any:
-    import torch
-    from torch import nn
-
-    t = spec.text
-    w = {n[len("text."):]: torch.from_numpy(ckpt.get(n)) for n in ckpt.names("text")}
-
-    def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # ref: transformers Gemma3RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + t.rms_norm_eps) * (1.0 + weight)
-
-    def inv_freq(theta: float, factor: float | None) -> torch.Tensor:
-        f = 1.0 / theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.float32) / t.head_dim)
-        return f / factor if factor else f  # ref: transformers linear RoPE scaling divides the frequencies
-
-    class Decoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.p = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False) for k, v in w.items()})
-            self.register_buffer("freq_global", inv_freq(t.rope_theta, t.rope_linear_factor))
-            self.register_buffer("freq_local", inv_freq(t.rope_local_theta, None))
-
-        def g(self, name: str) -> torch.Tensor:
-            return self.p[name.replace(".", "__")]
-
-        def rope(self, x: torch.Tensor, pos: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
-            ang = pos[0, :, None].float() * freq[None, :]  # [S, D/2]
-            cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-            half = t.head_dim // 2
-            rotated = torch.cat([-x[..., half:], x[..., :half]], -1)  # ref: transformers rotate_half
-            return x * cos + rotated * sin
-
-        def forward(self, input_ids, inputs_embeds, embeds_mask, position_ids, mask_global, mask_local, *past):  # type: ignore[no-untyped-def]
-            # input_ids, embeds_mask, position_ids: [1, S]; inputs_embeds: [1, S, H]; masks: [1, 1, S, P+S]
-            tok = self.g("embed_tokens.weight")[input_ids] * float(t.hidden_size ** 0.5)
-            x = torch.where(embeds_mask[..., None] > 0, inputs_embeds, tok)
-            s = x.shape[1]
-            presents = []
-            for i in range(t.num_layers):
-                b = f"layers.{i}."
-                swa = t.layer_types[i] == "sliding_attention"
-                h = rms(x, self.g(b + "input_layernorm.weight"))
-                q = (h @ self.g(b + "self_attn.q_proj.weight").T).view(1, s, t.num_heads, t.head_dim).transpose(1, 2)
-                k = (h @ self.g(b + "self_attn.k_proj.weight").T).view(1, s, t.num_kv_heads, t.head_dim).transpose(1, 2)
-                v = (h @ self.g(b + "self_attn.v_proj.weight").T).view(1, s, t.num_kv_heads, t.head_dim).transpose(1, 2)
-                freq = self.freq_local if swa else self.freq_global
-                q = self.rope(rms(q, self.g(b + "self_attn.q_norm.weight")), position_ids, freq)
-                k = self.rope(rms(k, self.g(b + "self_attn.k_norm.weight")), position_ids, freq)
-                k = torch.cat([past[2 * i], k], 2)
-                v = torch.cat([past[2 * i + 1], v], 2)
-                presents += [k, v]
-                rep = t.num_heads // t.num_kv_heads
-                kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-                scores = (q @ kk.transpose(2, 3)) * t.query_pre_attn_scalar ** -0.5
-                attn = torch.softmax(scores + (mask_local if swa else mask_global), -1) @ vv
-                o = attn.transpose(1, 2).reshape(1, s, t.num_heads * t.head_dim) @ self.g(b + "self_attn.o_proj.weight").T
-                x = x + rms(o, self.g(b + "post_attention_layernorm.weight"))
-                h = rms(x, self.g(b + "pre_feedforward_layernorm.weight"))
-                gate = torch.nn.functional.gelu(h @ self.g(b + "mlp.gate_proj.weight").T, approximate="tanh")
-                mlp = (gate * (h @ self.g(b + "mlp.up_proj.weight").T)) @ self.g(b + "mlp.down_proj.weight").T
-                x = x + rms(mlp, self.g(b + "post_feedforward_layernorm.weight"))
-            x = rms(x, self.g("norm.weight"))
-            return (x @ self.g("embed_tokens.weight").T, *presents)  # tied LM head
-
-    return Decoder().eval()
-
-
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
-    inputs = ["input_ids", "inputs_embeds", "embeds_mask", "position_ids", "mask_global", "mask_local", *past]
-    return inputs, ["logits", *[p.replace("past_", "present_") for p in past]]
-
-
-def write_onnx_decoder(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precision: str) -> dict[str, Any]:
-    """Export (and weight-quantize) the decoder to `out`; returns the manifest recipe."""
-    import onnx
-    import torch
-
+def write_onnx_decoder(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precision: str,
+                       accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[str, Any]:
+    """Write `out` and `out`.data; returns the manifest recipe."""
     if precision not in ONNX_DECODER_PRECISIONS:
         raise UserError(f"--onnx-decoder {precision!r} is not supported; choose from {', '.join(ONNX_DECODER_PRECISIONS)}")
-    t = spec.text
-    module = _module(ckpt, spec)
-    s, p = 3, 2  # trace with a non-empty past so Concat keeps both inputs
-    past = [torch.zeros(1, t.num_kv_heads, p, t.head_dim) for _ in range(2 * t.num_layers)]
-    args = (torch.zeros(1, s, dtype=torch.int64), torch.zeros(1, s, t.hidden_size), torch.zeros(1, s),
-            torch.arange(p, p + s)[None], torch.zeros(1, 1, s, p + s), torch.zeros(1, 1, s, p + s), *past)
-    inputs, outputs = io_names(t.num_layers)
-    dyn = {"input_ids": {1: "seq"}, "inputs_embeds": {1: "seq"}, "embeds_mask": {1: "seq"}, "position_ids": {1: "seq"},
-           "mask_global": {2: "seq", 3: "total"}, "mask_local": {2: "seq", 3: "total"}, "logits": {1: "seq"}}
-    dyn.update({n: {2: "past"} for n in inputs[6:]})
-    dyn.update({n: {2: "total"} for n in outputs[1:]})
-    fp32 = out.with_name(out.stem + ".fp32-tmp.onnx") if ONNX_DECODER_PRECISIONS[precision] else out
-    with torch.no_grad():
-        torch.onnx.export(module, args, str(fp32), input_names=inputs, output_names=outputs, dynamic_axes=dyn,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    recipe: dict[str, Any] = {"writer": "medgemma-edge onnx_decoder (torch.onnx TorchScript exporter)", "opset": OPSET,
-                              "inputs": inputs[:6], "kv_cache": "explicit past/present per layer, fp32"}
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise UserError(f"ONNX decoder accuracy_level {accuracy_level!r} is not one of {ACCURACY_LEVELS}")
     bits = ONNX_DECODER_PRECISIONS[precision]
-    if bits:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
-        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=BLOCK_SIZE, is_symmetric=True)
-        q.process()
-        model = q.model.model
-        # a protobuf cannot exceed 2 GB: larger graphs keep their weights in one `<file>.data` beside them
-        large = sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000  # ByteSize() fails past 2 GB
-        onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
-                        location=out.name + ".data")
-        fp32.unlink()
-        recipe.update({"quantizer": "onnxruntime MatMulNBitsQuantizer", "bits": bits, "block_size": BLOCK_SIZE,
-                       "symmetric": True, "weight_only": True})
-    onnx.checker.check_model(str(out))
-    log.info("wrote ONNX decoder %s (%s, %.1f MiB)", out.name, precision, out.stat().st_size / 2**20)
+    t = spec.text
+    odd = sorted({k for _, k in _linears(t) if k % BLOCK_SIZE})
+    if bits and odd:
+        raise UserError(f"--onnx-decoder {precision}: reduction widths {odd} are not multiples of the "
+                        f"{BLOCK_SIZE}-value quantization block; convert this checkpoint with --onnx-decoder fp32")
+    data_path = out.with_name(out.name + ".data")
+    with ExternalData(data_path) as data:
+        graph = Graph(data)
+        DecoderGraph(graph, Weights(ckpt), t, Quant(bits, accuracy_level)).build()
+        model = graph.model("medgemma_decoder", f"{io.GRAPH_FORMAT}: Gemma 3 decoder, {precision}")
+    atomic_write(out, model.SerializeToString())
+    log.info("wrote ONNX decoder %s (%s): graph %.1f KiB, weights %.1f MiB", out.name, precision,
+             out.stat().st_size / 2**10, data_path.stat().st_size / 2**20)
+    recipe: dict[str, Any] = {
+        "writer": "medgemma-edge onnx_decoder (direct graph, streamed weights)",
+        "graph_format": io.GRAPH_FORMAT, "opset": OPSET, "ms_opset": 1,
+        "attention": "ONNX Attention (q_num_heads/kv_num_heads) over the whole cache buffer with the runtime's "
+                     "additive mask: causal text, bidirectional image spans, sliding window q - k < window",
+        "kv_cache": "caller-owned fp32 buffers [1, kv_heads, capacity, head_dim] per layer, written in place by "
+                    "TensorScatter (circular); local layers keep a ring of window + chunk - 1 positions",
+        "fused": ["q_proj+k_proj+v_proj", "gate_proj+up_proj"],
+        "norms": "Gemma RMSNorm as SimplifiedLayerNormalization, weights stored as 1 + w",
+        "logits": "positions listed in logits_index only (the last one while generating)",
+    }
+    if bits is None:
+        recipe.update({"weights": "fp32", "embedding": "fp32 Gather, tied LM head as Gemm(transB)"})
+    else:
+        recipe.update({
+            "quantizer": "medgemma-edge onnx_blockquant (round to nearest, symmetric)", "bits": bits,
+            "block_size": BLOCK_SIZE, "symmetric": True, "weight_only": True, "accuracy_level": accuracy_level,
+            "layout": f"MatMulNBits B uint8 [N, K/{BLOCK_SIZE}, {BLOCK_SIZE * bits // 8}] "
+                      + ("(two codes per byte, first in the low nibble) " if bits == 4 else "")
+                      + f"and fp32 scales [N, K/{BLOCK_SIZE}]; code = round(w / scale) + {1 << (bits - 1)}, "
+                        f"scale = max-magnitude value / -{1 << (bits - 1)}, no zero-point tensor",
+            "embedding": "one block-quantized table: GatherBlockQuantized lookup and the tied LM head's MatMulNBits",
+        })
     return recipe
+
+
+def _linears(t: TextSpec) -> list[tuple[int, int]]:
+    """(N, K) of every weight the graph stores, the embedding first."""
+    qkv = ((t.num_heads + 2 * t.num_kv_heads) * t.head_dim, t.hidden_size)
+    o = (t.hidden_size, t.num_heads * t.head_dim)
+    gate_up = (2 * t.intermediate_size, t.hidden_size)
+    down = (t.hidden_size, t.intermediate_size)
+    return [(t.vocab_size, t.hidden_size)] + [qkv, o, gate_up, down] * t.num_layers
+
+
+def estimate_disk(spec: MedGemmaSpec, precision: str) -> int:
+    """Bytes the ONNX decoder artifact takes (graph + external data), a little high."""
+    bits = ONNX_DECODER_PRECISIONS[precision]
+    t = spec.text
+    tensors = [quantized_bytes(n, k, bits) for n, k in _linears(t)]
+    per_tensor = 2 if bits else 1  # codes and scales each start on an aligned offset
+    norms = t.num_layers * (4 * t.hidden_size + 2 * t.head_dim) * 4 + t.hidden_size * 4
+    graph = t.num_layers * 64 * 1024 + (1 << 20)  # node protos, inline constants
+    return sum(tensors) + len(tensors) * per_tensor * ALIGN + norms + graph
+
+
+def estimate_ram(spec: MedGemmaSpec, precision: str) -> int:
+    """Peak resident bytes while writing the artifact, a little high.
+
+    The embedding phase holds the stored table (read whole, assumed bf16 as published), one chunk of
+    rows in fp32 with the quantizer's temporaries, and the table's scales; a layer phase holds its
+    largest fused projection in fp32 with the same temporaries. Measured at 4B: docs/onnx-decoder.md.
+    """
+    bits = ONNX_DECODER_PRECISIONS[precision]
+    t = spec.text
+    work = 3 if bits is None else 6  # fp32 copies alive at once per element: source, blocks, codes, abs...
+    vocab, hidden = t.vocab_size, t.hidden_size
+    embed = vocab * hidden * 2 + EMBED_CHUNK_ROWS * hidden * 4 * work
+    embed += vocab * (hidden // BLOCK_SIZE) * 4 if bits else 0
+    largest = max(n * k for n, k in _linears(t)[1:])
+    layer = largest * 4 * work
+    return _BASE_RAM + max(embed, layer)

@@ -9,11 +9,12 @@ ref: GGUF v3 layout, llama.cpp ggml/src/gguf.cpp.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from medgemma_edge.errors import UserError
+from medgemma_edge.fsutil import regular_file_size
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -24,10 +25,29 @@ _MAX_COUNT = 1 << 24  # no real header has more entries than this; a larger coun
 
 
 @dataclass(frozen=True)
+class LongArray:
+    """A metadata array of more than 64 items (the vocabulary, its scores): read past, only its length kept."""
+
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dims: tuple[int, ...]  # GGUF order: innermost (row length) first
+    type: int  # ggml type id
+
+    @property
+    def block(self) -> int | None:
+        """Elements per block of this type, None for a type this reader does not know."""
+        return _TYPE_SIZES[self.type][0] if self.type in _TYPE_SIZES else None
+
+
+@dataclass(frozen=True)
 class GgufHeader:
     metadata: dict[str, Any]
     n_tensors: int
     data_end: int  # bytes the file must have to hold every tensor
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -68,16 +88,20 @@ class _Reader:
             n = self.count(struct.calcsize(_SCALARS[sub]) if sub in _SCALARS else 8)
             if sub in _SCALARS and n > 64:  # skip big numeric arrays (token scores, types) cheaply
                 self.f.seek(n * struct.calcsize(_SCALARS[sub]), 1)
-                return None
+                return LongArray(n)
             items = [self.value(sub) for _ in range(n)]
-            return items if n <= 64 else None  # the 262k-token vocabulary is read past, not kept
+            return items if n <= 64 else LongArray(n)  # the 262k-token vocabulary is read past, not kept
         raise UserError(f"{self.path}: GGUF header has unknown value type {vtype}; the file is corrupt")
 
 
 def read_gguf_header(path: Path) -> GgufHeader:
-    """Parse metadata (arrays of more than 64 items are read past, not kept) and check the data fits the file."""
+    """Parse metadata (arrays of more than 64 items are read past: LongArray) and tensor infos, and check
+    that the data fits the file."""
+    size = regular_file_size(path)
+    if size is None:
+        what = "is a folder" if path.is_dir() else "does not exist" if not path.exists() else "is not a regular file"
+        raise UserError(f"{path}: {what}; pass a .gguf file produced by `medgemma-edge convert`")
     try:
-        size = path.stat().st_size
         with path.open("rb") as f:
             r = _Reader(f, path, size)
             if f.read(4) != b"GGUF":
@@ -91,8 +115,9 @@ def read_gguf_header(path: Path) -> GgufHeader:
                 key = r.string()
                 meta[key] = r.value(r.unpack("<I"))
             ends = []
+            tensors: dict[str, TensorInfo] = {}
             for _ in range(n_tensors):
-                r.string()
+                name = r.string()
                 n_dims = r.unpack("<I")
                 if n_dims > 4:  # GGML_MAX_DIMS, as llama.cpp checks
                     raise UserError(f"{path}: GGUF tensor has {n_dims} dimensions (at most 4); the file is corrupt")
@@ -103,6 +128,7 @@ def read_gguf_header(path: Path) -> GgufHeader:
                 for d in dims:
                     n *= d
                 ends.append(offset + n // block * nbytes)
+                tensors[name] = TensorInfo(tuple(dims), ttype)
             align = meta.get("general.alignment", 32)
             if type(align) is not int or align <= 0 or align & (align - 1):  # as llama.cpp: a power of 2
                 raise UserError(f"{path}: GGUF general.alignment {align!r} is not a power of 2; the file is corrupt")
@@ -112,4 +138,4 @@ def read_gguf_header(path: Path) -> GgufHeader:
     data_end = data_start + max(ends, default=0)
     if size < data_end:
         raise UserError(f"{path}: GGUF is truncated ({size} of {data_end} bytes); copy or convert it again")
-    return GgufHeader(meta, n_tensors, data_end)
+    return GgufHeader(meta, n_tensors, data_end, tensors)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +64,32 @@ class Bundle:
                             f"--gguf precision")
         return ggufs[0]
 
+    def check_files(self, artifacts: list[Artifact]) -> None:
+        """Every file of these artifacts is a regular file of the size the manifest records: no hashing, so
+        cheap enough for every load, and a FIFO or device in its place is refused before anything opens it."""
+        for a in artifacts:
+            for name, size, _ in a.files():
+                path = self.dir / name
+                try:
+                    st = path.stat()
+                except OSError:
+                    raise IntegrityError(f"{path}: listed in {MANIFEST} but missing; re-run `medgemma-edge convert`") from None
+                if not stat.S_ISREG(st.st_mode):
+                    raise IntegrityError(f"{path}: is not a regular file (a pipe or device where an artifact should be); "
+                                         f"re-run `medgemma-edge convert`")
+                if st.st_size != size:
+                    raise IntegrityError(f"{path}: {st.st_size} bytes where {MANIFEST} records {size} (modified or "
+                                         f"truncated after conversion); re-run `medgemma-edge convert` to rebuild it")
+
     def verify(self, artifacts: list[Artifact] | None = None) -> None:
         """Re-hash artifacts and refuse any whose size or sha256 differs from the manifest."""
-        for a in artifacts if artifacts is not None else self.artifacts:
-            for name, size, digest in a.files():
-                path = self.dir / name
-                if not path.is_file():
-                    raise IntegrityError(f"{path}: listed in {MANIFEST} but missing; re-run `medgemma-edge convert`")
-                if path.stat().st_size != size or sha256_file(path) != digest:
+        chosen = artifacts if artifacts is not None else self.artifacts
+        self.check_files(chosen)
+        for a in chosen:
+            for name, _, digest in a.files():
+                if sha256_file(self.dir / name) != digest:
                     raise IntegrityError(
-                        f"{path}: sha256 does not match {MANIFEST} (the file was modified or truncated "
+                        f"{self.dir / name}: sha256 does not match {MANIFEST} (the file was modified or truncated "
                         f"after conversion); re-run `medgemma-edge convert` to rebuild it"
                     )
                 log.info("verified %s (%s)", name, digest[:12])
@@ -111,7 +128,7 @@ def open_bundle(directory: str | Path) -> Bundle:
 # What the runtime reads from the manifest's config summary, and the type each must have. The vision
 # part (and tokens per image) only where the bundle has one: text-only families have none.
 _TEXT_KEYS = {("eos_token_ids",): list,
-              **{("text", k): int for k in ("hidden_size", "vocab_size", "num_layers", "num_kv_heads", "head_dim",
+              **{("text", k): int for k in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                                              "intermediate_size", "sliding_window")}}
 _VISION_KEYS = {("tokens_per_image",): int,
                 **{("vision", k): int for k in ("image_size", "patch_size", "num_heads", "hidden_size", "num_layers")}}
@@ -125,6 +142,11 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
             value = value.get(key) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and not 0 < value < 1 << 40):
             raise UserError(f"{path}: config.{'.'.join(keys)} is missing or invalid; re-run `medgemma-edge convert`")
+    eos = config["eos_token_ids"]
+    vocab = config["text"]["vocab_size"]
+    if not eos or not all(type(i) is int and 0 <= i < vocab for i in eos):
+        raise UserError(f"{path}: config.eos_token_ids must list the token ids that end an answer (got {eos!r}); "
+                        f"re-run `medgemma-edge convert`")
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

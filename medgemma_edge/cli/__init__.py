@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from medgemma_edge.cli import bundle, demo, measure, render, run  # noqa: F401  (each registers its commands)
+from medgemma_edge.cli import bundle, datasets, demo, measure, render, run, serve, study  # noqa: F401  (each registers its commands)
 from medgemma_edge.cli.app import cli
 from medgemma_edge.errors import UserError
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.ClickException as exc:  # usage errors: one line too, not click's usage block
         hint = f"; see `{exc.ctx.command_path} --help`" if getattr(exc, "ctx", None) else ""
-        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        click.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if log.isEnabledFor(logging.DEBUG):

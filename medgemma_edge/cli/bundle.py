@@ -9,7 +9,7 @@ import click
 
 from medgemma_edge.bundle.precisions import flag_help
 from medgemma_edge.cli.app import EPILOG, cli
-from medgemma_edge.cli.options import csv
+from medgemma_edge.cli.options import csv, whole
 
 
 @cli.command(epilog=EPILOG)
@@ -48,28 +48,38 @@ def info(bundle_dir: Path, no_verify: bool, as_json: bool) -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--gguf", default="f16,q4_k_m", show_default=True,
               help="Decoder precisions, comma-separated. " + flag_help("decoder", "gguf") + ".")
-@click.option("--mmproj", default="f16", show_default=True,
-              help="llama.cpp vision encoder precisions. " + flag_help("encoder", "gguf") + ".")
+@click.option("--mmproj", default=None,
+              help="llama.cpp vision encoder precisions (default: f16; none for a text-only checkpoint). "
+                   + flag_help("encoder", "gguf") + ".")
 @click.option("--onnx-vision", default="", help="ONNX Runtime vision encoder precisions. " + flag_help("encoder", "onnx") + ".")
 @click.option("--onnx-decoder", default="", help="ONNX Runtime decoder precisions. " + flag_help("decoder", "onnx") + ".")
+@click.option("--ov-vision", default="", help="OpenVINO vision encoder precisions (needs the `openvino` extra). "
+              + flag_help("encoder", "ov") + ".")
 @click.option("--calibration-images", type=click.Path(path_type=Path), default=None,
               help="Folder of representative PNG/JPEG/DICOM images to calibrate --onnx-vision int8_static (QDQ).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (atomically, only once the new one is complete).")
-def convert(checkpoint_dir: Path, out_dir: Path, gguf: str, mmproj: str, onnx_vision: str, onnx_decoder: str,
-            calibration_images: Path | None, overwrite: bool) -> None:
-    """Convert a local MedGemma Hugging Face checkpoint into a bundle (GGUF and ONNX artifacts)."""
+@click.option("--force", is_flag=True, help="Convert even if the memory estimate exceeds what is available (never disk).")
+def convert(checkpoint_dir: Path, out_dir: Path, gguf: str, mmproj: str | None, onnx_vision: str, onnx_decoder: str,
+            calibration_images: Path | None, overwrite: bool, force: bool, ov_vision: str) -> None:
+    """Convert a local MedGemma Hugging Face checkpoint into a bundle (GGUF and ONNX artifacts).
+
+    The disk and memory it needs are estimated from the checkpoint's shapes first; a conversion that
+    would not fit is refused with both figures before anything is written."""
     from medgemma_edge.extras import convert_checkpoint
 
-    bundle = convert_checkpoint(checkpoint_dir, out_dir, csv(gguf), csv(mmproj), overwrite=overwrite,
+    # --mmproj not given (None) is the default, which a text-only checkpoint skips; given, it is a request
+    bundle = convert_checkpoint(checkpoint_dir, out_dir, csv(gguf), None if mmproj is None else csv(mmproj),
+                                overwrite=overwrite,
                                 onnx_vision=csv(onnx_vision), onnx_decoder=csv(onnx_decoder),
-                                calibration_images=calibration_images)
+                                calibration_images=calibration_images, force=force, ov_vision=csv(ov_vision))
     click.echo(f"wrote {bundle.dir}: " + ", ".join(f"{a.kind} {a.id}" for a in bundle.artifacts))
 
 
 @cli.command(epilog=EPILOG)
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--size", type=click.Choice(["tiny", "4b"]), default="tiny", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--size", type=click.Choice(["tiny", "tiny-text", "tiny-27b", "tiny-27b-text", "4b"]), default="tiny",
+              show_default=True, help="tiny-text: a text-only Gemma3ForCausalLM; tiny-27b*: MedGemma 27B's shape rules.")
+@click.option("--seed", default=0, show_default=True, type=whole(0, 2**32 - 1), help="Random seed of the weights.")
 def synth(out_dir: Path, size: str, seed: int) -> None:
     """Write a RANDOM-WEIGHT checkpoint in MedGemma's published layout (for tests and benchmarks)."""
     from medgemma_edge.extras import synthesize

@@ -9,7 +9,9 @@ from typing import Any
 import click
 
 from medgemma_edge.cli.app import EPILOG, cli
+from medgemma_edge.cli.options import MAX_CTX, MAX_THREADS, whole
 from medgemma_edge.errors import UserError
+from medgemma_edge.runtime.sampling import MAX_NEW_TOKENS
 
 
 @cli.command(epilog=EPILOG)
@@ -19,20 +21,27 @@ from medgemma_edge.errors import UserError
 @click.option("--combos", default=None,
               help="ENCODER+DECODER list, e.g. onnx:int8+gguf:q4_k_m,llama.cpp:f16+q4_k_m,transformers:fp32 "
                    "(default: every encoder with the default decoder, every decoder with the default encoder, "
-                   "and the baselines).")
-@click.option("--reps", default=3, show_default=True, type=click.IntRange(1), help="Measured rounds.")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Discarded rounds first.")
-@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for every backend (default: theirs).")
-@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(2), help="Tokens decoded per answer (EOS ignored).")
+                   "and the baselines; a text-only bundle: decoders alone, e.g. gguf:q4_k_m,transformers:fp32).")
+@click.option("--reps", default=3, show_default=True, type=whole(1, 1000), help="Measured rounds.")
+@click.option("--warmup", default=1, show_default=True, type=whole(0, 100), help="Discarded rounds first.")
+@click.option("--threads", default=None, type=whole(1, MAX_THREADS), help="CPU threads for every backend (default: theirs).")
+@click.option("--new-tokens", default=32, show_default=True, type=whole(2, MAX_NEW_TOKENS), help="Tokens decoded per answer (EOS ignored).")
 @click.option("--scaling", default="1", show_default=True, help="Images per question to measure, e.g. 1,2,4.")
 @click.option("--scaling-combos", default=None, help="Combinations measured with more than one image (default: all).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="The checkpoint the bundle came from: adds the transformers fp32 baseline (needs the convert extra).")
-@click.option("--reference-tokens", default=8, show_default=True, type=click.IntRange(2), help="Tokens transformers decodes.")
-@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(64), help="Context length in tokens.")
+@click.option("--reference-tokens", default=8, show_default=True, type=whole(2, 1024), help="Tokens transformers decodes.")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=whole(64, MAX_CTX), help="Context length in tokens.")
 @click.option("--note", default=None, help="A line for the report (e.g. 'synthetic weights').")
 @click.option("--out", "out_dir", default=Path("bench-results"), show_default=True, type=click.Path(path_type=Path),
               help="Folder for bench.json, bench.md and the PNG plots.")
+@click.option("--study", type=click.Path(path_type=Path), default=None,
+              help="A DICOM series: --scaling then counts its slices (e.g. 1,4,16,85), asked as Google's CT notebook.")
+@click.option("--series", default=None, help="Which series of --study (index or id from `study-info`).")
+@click.option("--windowing", type=click.Choice(["notebook", "serving"]), default="notebook", show_default=True,
+              help="CT window preset of --study (see `run --help`).")
+@click.option("--encode-batch", type=whole(1, 64), default=None,
+              help="Images per ONNX encoder call (default: chosen from available memory).")
 def bench(bundle_dir: Path, images: tuple[Path, ...], scaling: str, out_dir: Path, **kw: Any) -> None:
     """Time every encoder/decoder combination on this machine, next to llama.cpp's own path (and transformers).
 
@@ -51,6 +60,8 @@ def bench(bundle_dir: Path, images: tuple[Path, ...], scaling: str, out_dir: Pat
         counts = ()
     if not counts or min(counts) < 1:
         raise UserError(f"--scaling {scaling!r}: give image counts such as 1,2,4")
+    if kw["study"] is not None and click.get_current_context().get_parameter_source("n_ctx").name == "DEFAULT":
+        kw["n_ctx"] = None  # sized for the largest slice count
     doc = run_bench(bundle_dir, out_dir, images=list(images), scaling=counts, **kw)
     click.echo((out_dir / "bench.md").read_text())
     click.echo(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" +
@@ -67,7 +78,7 @@ def bench(bundle_dir: Path, images: tuple[Path, ...], scaling: str, out_dir: Pat
               help="Folder of PNG/JPEG/DICOM images (default: a built-in synthetic chest film).")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None,
               help="Text file, one prompt per line, or a JSON list (default: 3 built-in prompts).")
-@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1, 1024),
+@click.option("--max-new-tokens", default=16, show_default=True, type=whole(1, 1024),
               help="Greedy tokens compared per prompt.")
 @click.option("--artifacts", default="", help="Only these, e.g. gguf:q4_k_m,encoder:onnx:int8 (default: all).")
 @click.option("--force", is_flag=True, help="Load artifacts even if the memory estimate exceeds what is available.")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from medgemma_edge.errors import UserError
+from medgemma_edge.inputs.limits import MAX_BITS, MAX_FRAMES, check_pixels
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +100,29 @@ def dicom_context(path: Path) -> str:
     return " ".join(parts)
 
 
+def _import_pydicom_offline() -> None:
+    """Import pydicom's pixel module without its test-data downloader: pydicom.pixels imports pydicom.data,
+    whose optional `requests` pulls in urllib3, and urllib3 opens an IPv6 probe socket at import. Hiding
+    requests for the duration keeps a DICOM read from creating any socket."""
+    if "pydicom.pixels" in sys.modules:
+        return
+    hidden = [m for m in ("requests", "urllib3") if m not in sys.modules]
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]  # a None entry makes `import m` raise ImportError
+    try:
+        import pydicom.pixels  # noqa: F401
+    finally:
+        for m in hidden:
+            if sys.modules.get(m) is None:
+                del sys.modules[m]
+
+
 @contextlib.contextmanager
 def _quiet_pydicom(path: Path) -> Iterator[None]:
     """pydicom's validation warnings quote values ("Invalid value for VR PN: 'DOE^JOHN'"): drop them."""
     try:
+        _import_pydicom_offline()  # also creates pydicom's child loggers, so they get the filter too
         from pydicom import config
-        import pydicom.pixels  # noqa: F401  (creates pydicom's child loggers so they get the filter too)
     except ImportError as exc:  # import-time failure: the message names modules, never tag values
         if getattr(exc, "name", None) == "pydicom":
             raise UserError(f"{path}: reading DICOM needs pydicom; pip install 'pydicom>=3' {_HANDLERS}") from None
@@ -147,12 +166,9 @@ def _code_string(ds: Any, keyword: str) -> str | None:
     return value if _CODE_STRING.fullmatch(value) else None
 
 
-def _render(path: Path, frame: int | None) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
-
-    ds = _read(path)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise UserError(f"{path}: no image pixel data (a report, RT plan or not a DICOM image); pass an image DICOM")
+def check_header(path: Path, ds: Any) -> int:
+    """Refuse, from the header alone (no pixel decoded), what is not an image or would not fit: the same
+    pixel limit as PNG/JPEG, at most MAX_FRAMES frames. Returns the frame count."""
     missing = [k for k in _REQUIRED if ds.get(k) in (None, "")]
     if missing:
         raise UserError(f"{path}: the image pixel module lacks {', '.join(missing)} (PS3.3 C.7.6.3); {_FIX_CORRUPT}")
@@ -161,10 +177,29 @@ def _render(path: Path, frame: int | None) -> np.ndarray:
                         "convert the image to MONOCHROME2 or RGB (e.g. with dcmtk or gdcmconv)")
     try:
         n_frames = int(ds.get("NumberOfFrames") or 1)
+        rows, cols, samples, bits = (int(ds.get(k)) for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated"))
     except (TypeError, ValueError):
-        raise UserError(f"{path}: the NumberOfFrames tag is not a number; {_FIX_CORRUPT}") from None
+        raise UserError(f"{path}: the image size tags (Rows, Columns, NumberOfFrames...) are not numbers; "
+                        f"{_FIX_CORRUPT}") from None
     if n_frames < 1:
         raise UserError(f"{path}: NumberOfFrames is {n_frames}, so there is no image; {_FIX_CORRUPT}")
+    check_pixels(path, cols, rows)
+    if n_frames > MAX_FRAMES:
+        raise UserError(f"{path}: {n_frames} frames, more than the {MAX_FRAMES} medgemma-edge reads; "
+                        f"split the series or export the frames you need")
+    if not 1 <= samples <= 4 or not 1 <= bits <= MAX_BITS:
+        raise UserError(f"{path}: SamplesPerPixel {samples} / BitsAllocated {bits} is not an image format; "
+                        f"{_FIX_CORRUPT}")
+    return n_frames
+
+
+def _render(path: Path, frame: int | None) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    ds = _read(path, defer_size="64 KB")  # large values (the pixel data) stay on disk until decoded
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise UserError(f"{path}: no image pixel data (a report, RT plan or not a DICOM image); pass an image DICOM")
+    n_frames = check_header(path, ds)  # decided from the header before any pixel is read or decoded
     index = n_frames // 2 if frame is None else frame
     if not 0 <= index < n_frames:
         raise UserError(f"{path}: frame {index} does not exist: the file has {n_frames} frame(s), "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from medgemma_edge.errors import UserError
 from medgemma_edge.inputs.dicom import dicom_context, is_dicom, render
 from medgemma_edge.inputs.images import IMAGE_SUFFIXES, ImageInput, check_image_path
 
@@ -14,6 +15,9 @@ def prepare_images(paths: Sequence[Path], dicom_frame: int | None = None) -> lis
     """Check every image now (milliseconds, no pixels decoded); render DICOM at `dicom_frame` when given."""
     for path in paths:
         check_image_path(path)
+    if dicom_frame is not None and paths and not any(is_dicom(p) for p in paths):
+        raise UserError(f"{paths[0]}: --dicom-frame picks a frame of a multi-frame DICOM, and no image given is "
+                        f"DICOM; drop --dicom-frame")
     return [render(p, dicom_frame) if dicom_frame is not None and is_dicom(p) else p for p in paths]
 
 

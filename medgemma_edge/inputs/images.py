@@ -31,16 +31,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medgemma_edge.inputs.dicom import is_dicom
 from medgemma_edge.errors import UserError
+from medgemma_edge.fsutil import regular_file_size
+from medgemma_edge.inputs.limits import check_pixels, too_large
 
 log = logging.getLogger(__name__)
 
 ImageInput = Union[str, Path, Image.Image]
 
-# 8192 x 8192 = 67 MP: above the largest plausible single radiograph (full-field mammogram ~4096x5625,
-# stitched full-spine/long-leg ~4300x12000) and a typical exported WSI region, which the model sees at
-# 896x896 anyway. Kept below Pillow's default bomb warning (89.5 MP) so users meet our limit, not
-# Pillow's; Pillow's check still applies on top when a caller lowers Image.MAX_IMAGE_PIXELS.
-MAX_PIXELS = 8192 * 8192
+# Pillow's own bomb check still applies on top of ours when a caller lowers Image.MAX_IMAGE_PIXELS.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # found in folders by name; DICOM by content
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _BOMBS = (Image.DecompressionBombWarning, Image.DecompressionBombError)
@@ -49,17 +47,14 @@ _BOMBS = (Image.DecompressionBombWarning, Image.DecompressionBombError)
 def _check_file(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not an image file; pass one image file per --image")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: image file not found; check the path")
+    if regular_file_size(path) is None:  # a pipe or device would block or never end
+        raise UserError(f"{path}: is not a regular file (a pipe or device); pass an image file")
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
-
-
-def _too_large(path: object, detail: str) -> UserError:
-    return UserError(f"{path}: image too large, refused before decoding ({detail}); "
-                     f"downscale or crop it below 8192x8192 pixels (the model sees 896x896 anyway)")
 
 
 @contextmanager
@@ -72,7 +67,7 @@ def _pillow(name: object, problem: str) -> Iterator[None]:
         try:
             yield
         except _BOMBS as exc:
-            raise _too_large(name, _one_line(exc)) from exc
+            raise too_large(name, _one_line(exc)) from exc
         except UnidentifiedImageError as exc:
             raise UserError(f"{name}: not a readable image (unknown format, or a corrupt or zero-size header); "
                             f"pass a PNG, JPEG or TIFF file") from exc
@@ -96,11 +91,7 @@ def _open(path: Path) -> Image.Image:
 
 
 def _check_size(img: Image.Image, name: object) -> None:
-    w, h = img.size
-    if w == 0 or h == 0:
-        raise UserError(f"{name}: image has zero size ({w}x{h}); pass a non-empty image")
-    if w * h > MAX_PIXELS:
-        raise _too_large(name, f"{w}x{h} = {w * h:,} pixels, limit {MAX_PIXELS:,}")
+    check_pixels(name, *img.size)
 
 
 def check_image_path(path: Path) -> None:
@@ -133,6 +124,9 @@ def load_image(image: ImageInput, frame: int | None = None) -> Image.Image:
 
 def _decode(img: Image.Image, name: object) -> Image.Image:
     _check_size(img, name)  # again for PIL images handed in, which never went through _open
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:  # an animated GIF/PNG or a multi-page TIFF: say which one the model sees
+        log.warning("%s: %d frames; the model sees the first (save the frame you mean as its own image)", name, frames)
     with _pillow(name, "corrupt or truncated image"):
         img.load()
         return ImageOps.exif_transpose(img)  # what transformers' load_image does for files

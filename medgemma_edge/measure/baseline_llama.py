@@ -46,6 +46,9 @@ class LlamaCppBaseline:
             raise UserError(f"{decoder_gguf}: llama.cpp could not load this GGUF; re-run `medgemma-edge convert`")
         cparams = llama_cpp.llama_context_default_params()  # llama.cpp's defaults, except the shared knobs
         cparams.n_ctx = n_ctx
+        # ref: llama.cpp common/common.h `swa_full = false`, what llama-mtmd-cli and llama-server run with (the C
+        # API's default is true): sliding-window layers keep only their window, which matters for long studies
+        cparams.swa_full = False
         if n_threads:
             cparams.n_threads = cparams.n_threads_batch = n_threads
         self.n_batch = cparams.n_batch

@@ -28,6 +28,7 @@ from medgemma_edge.bundle.precisions import DEFAULT_ORDER
 log = logging.getLogger(__name__)
 
 PROMPT = "Describe the findings in this image."  # kept as in the committed results, so figures compare
+TEXT_PROMPT = "List three common causes of a pleural effusion."  # a text-only bundle's question
 METRICS = ("load_s", "image_encode_ms", "prefill_image_tokens_per_s", "prefill_text_tokens_per_s", "ttft_ms",
            "decode_tokens_per_s", "followup_ttft_ms", "peak_rss_mb")
 
@@ -46,7 +47,7 @@ class Combo:
             return "transformers:fp32"
         if self.kind == "llama.cpp":
             return f"llama.cpp:{_precision(self.encoder)}+{_precision(self.decoder)}"
-        return f"{self.encoder}+{self.decoder}"
+        return f"{self.encoder}+{self.decoder}" if self.encoder else str(self.decoder)  # text-only: the decoder
 
 
 def _precision(artifact_id: str | None) -> str:
@@ -61,6 +62,13 @@ def parse_combos(text: str, bundle: Bundle, reference: Path | None) -> list[Comb
             if reference is None:
                 raise UserError("transformers:fp32 needs the checkpoint it was converted from: pass --reference DIR")
             combos.append(Combo("transformers"))
+            continue
+        if not bundle.has_vision:  # text-only: a combination is a decoder alone
+            if "+" in item or item.startswith("llama.cpp:"):
+                raise UserError(f"combination {item!r}: {bundle.dir} is text-only (no vision part); name decoders "
+                                f"alone, e.g. gguf:q4_k_m (or transformers:fp32)")
+            bundle.find("decoder", item)
+            combos.append(Combo("pipeline", None, item))
             continue
         if "+" not in item:
             raise UserError(f"combination {item!r}: write ENCODER+DECODER, e.g. onnx:int8+gguf:q4_k_m "
@@ -82,6 +90,8 @@ def default_combos(bundle: Bundle, reference: Path | None) -> list[Combo]:
     """Every encoder with the default decoder, every decoder with the default encoder, and the baselines."""
     encoders = [e for e in DEFAULT_ORDER["encoder"] if any(a.id == e and a.kind == "encoder" for a in bundle.artifacts)]
     decoders = [d for d in DEFAULT_ORDER["decoder"] if any(a.id == d and a.kind == "decoder" for a in bundle.artifacts)]
+    if not bundle.has_vision and decoders:  # text-only: every decoder, and the transformers baseline
+        return [Combo("pipeline", None, d) for d in decoders] + ([Combo("transformers")] if reference else [])
     if not encoders or not decoders:
         raise UserError(f"{bundle.dir}: bench needs at least one encoder and one decoder artifact")
     combos = [Combo("pipeline", e, decoders[0]) for e in encoders]
@@ -129,16 +139,22 @@ def bench_images(images: list[Path], work: Path, count: int) -> list[Path]:
     from medgemma_edge.inputs.samples import sample_image
 
     work.mkdir(parents=True, exist_ok=True)
-    return [sample_image(work / f"synthetic-{i}.png", size=(1024 - 64 * i, 880 + 32 * i), seed=i)
+    # a different size and aspect per image (cycling, so any count gives real images)
+    return [sample_image(work / f"synthetic-{i}.png", size=(1024 - 64 * (i % 8), 880 + 32 * (i % 8)), seed=i)
             for i in range(count)]
 
 
 def run_bench(bundle_dir: Path, out_dir: Path, images: list[Path] | None = None, combos: str | None = None,
               reps: int = 3, warmup: int = 1, threads: int | None = None, new_tokens: int = 32,
               scaling: tuple[int, ...] = (1,), scaling_combos: str | None = None, reference: Path | None = None,
-              reference_tokens: int = 8, n_ctx: int = 4096, note: str | None = None, progress: bool = True,
-              timeout_s: float = 3600) -> dict[str, Any]:
-    """Run the benchmark and write bench.json, bench.md and PNG plots into `out_dir`; returns the results."""
+              reference_tokens: int = 8, n_ctx: int | None = 4096, note: str | None = None, progress: bool = True,
+              timeout_s: float = 3600, study: Path | None = None, series: str | None = None,
+              windowing: str = "notebook", encode_batch: int | None = None) -> dict[str, Any]:
+    """Run the benchmark and write bench.json, bench.md and PNG plots into `out_dir`; returns the results.
+
+    With `study` (a DICOM series), `scaling` counts slices of it, asked as Google's CT notebook does
+    (measure/study_bench.py); `n_ctx` None then sizes the context for the largest count.
+    """
     from tqdm import tqdm
 
     from medgemma_edge.measure.hardware import fingerprint
@@ -150,12 +166,34 @@ def run_bench(bundle_dir: Path, out_dir: Path, images: list[Path] | None = None,
     chosen = parse_combos(combos, bundle, reference) if combos else default_combos(bundle, reference)
     scaled = parse_combos(scaling_combos, bundle, reference) if scaling_combos else chosen
     used = {(k, i) for c in chosen + scaled for k, i in (("encoder", c.encoder), ("decoder", c.decoder)) if i}
+    if not bundle.has_vision and (images or tuple(scaling) != (1,)):
+        raise UserError(f"{bundle.dir}: a text-only bundle (no vision part) is benchmarked on text alone; drop "
+                        f"--image and --scaling")
     bundle.verify([bundle.find(k, i) for k, i in sorted(used)])  # once here; workers load unverified
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = bench_images(list(images or []), out_dir / "inputs", max(scaling))
-    base = {"bundle": str(bundle.dir), "threads": threads, "n_ctx": n_ctx, "new_tokens": new_tokens,
+    if study is not None:
+        paths = []  # the study's slices, rendered below
+    elif bundle.has_vision:
+        paths = bench_images(list(images or []), out_dir / "inputs", max(scaling))
+    else:
+        paths, scaling = [], (0,)  # rows of text-only questions: no image per question
+    slice_sets: dict[int, list[Path]] = {}
+    study_info = None
+    prompt = PROMPT if bundle.has_vision else TEXT_PROMPT
+    if study is not None:
+        from medgemma_edge.measure.study_bench import study_context, study_inputs
+        from medgemma_edge.runtime.study_prompt import NOTEBOOK_QUESTION
+
+        if images:
+            raise UserError("--study and --image are two kinds of input; pass one of them")
+        slice_sets, study_info = study_inputs(study, out_dir / "inputs", tuple(scaling),
+                                              int(bundle.config["vision"]["image_size"]), series, windowing)
+        prompt, paths = NOTEBOOK_QUESTION, []
+        n_ctx = n_ctx or study_context(bundle.config, max(scaling), prompt, FOLLOWUP, SYSTEM, new_tokens)
+    base = {"bundle": str(bundle.dir), "threads": threads, "n_ctx": n_ctx or 4096, "new_tokens": new_tokens,
             "reference": str(reference) if reference else None, "reference_tokens": reference_tokens,
-            "prompt": PROMPT, "followup": FOLLOWUP, "system": SYSTEM}
+            "prompt": prompt, "followup": FOLLOWUP, "system": SYSTEM, "volume": study is not None,
+            "encode_batch": encode_batch}
     plan = [(n, r, c) for n in scaling for r in range(warmup + reps)
             for c in _rotate(chosen if n == min(scaling) else scaled, r)]
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
@@ -164,7 +202,8 @@ def run_bench(bundle_dir: Path, out_dir: Path, images: list[Path] | None = None,
     t_start = time.time()
     for n, r, combo in bar:
         bar.set_postfix_str(f"{combo.label}, {n} image{'s' * (n > 1)}, {'warm-up' if r < warmup else f'rep {r - warmup + 1}'}")
-        result = _worker(combo, {**base, "images": [str(p) for p in paths[:n]]}, timeout_s)
+        inputs = slice_sets[n] if study is not None else paths[:n]
+        result = _worker(combo, {**base, "images": [str(p) for p in inputs]}, timeout_s)
         result.update(round=r, warmup=r < warmup)
         runs.setdefault((n, combo.label), []).append(result)
         if "error" in result:
@@ -180,12 +219,17 @@ def run_bench(bundle_dir: Path, out_dir: Path, images: list[Path] | None = None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)), "wall_s": time.time() - t_start,
         "settings": {**{k: v for k, v in base.items() if k != "bundle"}, "reps": reps, "warmup": warmup,
                      "scaling": list(scaling), "images": [str(p) for p in paths],
-                     "synthetic_images": not images, "note": note},
+                     "synthetic_images": not images and bundle.has_vision and study is None, "note": note,
+                     "study": str(study) if study is not None else None},
         "hardware": fingerprint(), "rows": rows, "errors": errors,
     }
     from medgemma_edge.measure.report import add_comparisons, write_report
 
     add_comparisons(result_doc)
+    if study_info is not None:
+        from medgemma_edge.measure.study_bench import add_study_analysis
+
+        add_study_analysis(result_doc, study_info)
     write_report(result_doc, out_dir)
     return result_doc
 

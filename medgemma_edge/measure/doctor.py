@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medgemma_edge.measure.encoder_advice import encoder_tips, fastest_encoder
 from medgemma_edge.measure.hardware import fingerprint, slug
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,27 @@ def _missing_cpu_features(fp: dict[str, Any]) -> list[str]:
     return missing
 
 
+def onnxruntime_provider_advice(fp: dict[str, Any]) -> list[str]:
+    """Which ONNX Runtime package gives this workstation's GPU a provider (NVIDIA: in advice()).
+
+    Each package replaces the `onnxruntime` module: a swap, not an addition. onnxruntime-openvino 1.24
+    loads none of our graphs (benchmarks/README.md, "Execution providers"), so Intel GPUs get no package.
+    """
+    providers = set((fp.get("onnxruntime") or {}).get("providers") or [])
+    vendors = {g.get("vendor") for g in fp.get("gpus") or []}
+    windows = str(fp.get("os") or "").lower().startswith("windows")
+    if "NVIDIA" in vendors or providers & {"DmlExecutionProvider", "OpenVINOExecutionProvider"}:
+        return []
+    if windows and vendors & {"AMD", "Intel"}:
+        return ["ONNX Runtime: for this GPU on Windows install the DirectML build: pip uninstall -y onnxruntime "
+                "&& pip install onnxruntime-directml, then --providers dml,cpu (nodes DirectML lacks run on the CPU; "
+                "not measured by this project)"]
+    if "Intel" in vendors:
+        return ["ONNX Runtime: no GPU package for this Intel GPU: onnxruntime-openvino 1.24 cannot load "
+                "medgemma-edge's ONNX graphs; keep onnxruntime (CPU) and use llama.cpp's Vulkan build for the GPU"]
+    return []
+
+
 def advice(fp: dict[str, Any]) -> list[str]:
     """Concrete next steps for this machine; an empty list means the setup already fits the hardware."""
     llama = fp.get("llama_cpp") or {}
@@ -107,6 +129,8 @@ def advice(fp: dict[str, Any]) -> list[str]:
                     "in a medgemma-edge checkout (needs libvulkan-dev and glslc):")
         tips.extend("    " + c for c in _build_commands("vulkan"))
 
+    tips.extend(onnxruntime_provider_advice(fp))
+    tips.extend(encoder_tips(fp))
     missing = _missing_cpu_features(fp)
     if missing:
         tips.append(f"the loaded llama.cpp does not use this CPU's {', '.join(missing)}; "
@@ -118,7 +142,8 @@ def advice(fp: dict[str, Any]) -> list[str]:
 def diagnose() -> dict[str, Any]:
     """Fingerprint + hardware slug + advice, the payload of `doctor --json`."""
     fp = fingerprint()
-    return {"slug": slug(fp), "fingerprint": fp, "advice": advice(fp)}
+    encoder, why = fastest_encoder(fp)
+    return {"slug": slug(fp), "fingerprint": fp, "advice": advice(fp), "encoder": {"fastest": encoder, "why": why}}
 
 
 def _fmt_gb(value: float | None) -> str:
@@ -162,6 +187,8 @@ def render(result: dict[str, Any]) -> list[str]:
     lines.append(f"ONNX Runtime providers: {providers} (device {ort['device'] or '?'})"
                  + (f"; cannot import: {ort['error']}" if ort["error"] else ""))
 
+    if result.get("encoder"):
+        lines.append(f"Encoder      fastest on this CPU: {result['encoder']['fastest']} ({result['encoder']['why']})")
     tips = result["advice"]
     lines.append("Advice" if tips else "Advice       none: the loaded runtimes already match this hardware")
     lines += [tip if tip.startswith("    ") else f"  - {tip}" for tip in tips]

@@ -271,6 +271,7 @@ def fingerprint() -> dict[str, Any]:
             "llama_cpp_python": package_version("llama-cpp-python", "llama_cpp_python"),
             "onnxruntime": package_version("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"),
             "numpy": package_version("numpy"),
+            "openvino": package_version("openvino"),
         },
         "llama_cpp": _llama_cpp(),
         "onnxruntime": _onnxruntime(),

@@ -50,7 +50,8 @@ def add_comparisons(doc: dict[str, Any]) -> None:
                 row["vs"][b] = ratios
     n1 = min((n for n, _ in rows), default=1)
     doc["targets"] = []
-    for what, combo, metric, against, limit, op in TARGETS:
+    # the targets are about the composed image path: a text-only bundle has none to meet
+    for what, combo, metric, against, limit, op in TARGETS if doc["config"].get("vision") else ():
         value = _mean(rows.get((n1, combo)), metric)
         if value is not None and against is not None:
             other = _mean(rows.get((n1, against)), metric)
@@ -83,16 +84,18 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- SIMD: {' '.join(cpu.get('flags') or [])}",
         f"- versions: {versions}",
         f"- model: {cfg['text']['num_layers']} decoder layers, hidden {cfg['text']['hidden_size']}, "
-        f"{cfg['vision']['image_size']} px, {cfg['tokens_per_image']} tokens/image; converted from {doc['source']}",
+        + (f"{cfg['vision']['image_size']} px, {cfg['tokens_per_image']} tokens/image" if cfg.get("vision")
+           else "text-only (no vision part)") + f"; converted from {doc['source']}",
         *([f"- note: {s['note']}"] if s.get("note") else []),
         f"- {s['warmup']} warm-up + {s['reps']} measured rounds, combinations alternated and rotated each round, "
         f"each run a fresh process; threads {s['threads'] or 'default'}; {s['new_tokens']} new tokens "
         f"(EOS ignored; transformers: {s['reference_tokens']}); context {s['n_ctx']}",
-        f"- images: {'synthetic chest-film-like PNGs' if s['synthetic_images'] else ', '.join(s['images'])}; "
+        f"- images: {'synthetic chest-film-like PNGs' if s['synthetic_images'] else ', '.join(s['images']) or 'none'}; "
         f"figures are mean ± sd over the measured rounds", "",
     ]
     for n in sorted({r["n_images"] for r in doc["rows"]}):
-        lines += [f"## {n} image{'s' * (n > 1)} per question", "",
+        what = "slice" if doc.get("study") else "image"
+        lines += [f"## {n} {what}{'s' * (n > 1)} per question" if n else "## Text-only questions", "",
                   "| combination | " + " | ".join(c[1] for c in COLUMNS) + " | other procs (cores, max) |",
                   "|---" * (len(COLUMNS) + 2) + "|"]
         for r in (r for r in doc["rows"] if r["n_images"] == n):
@@ -108,6 +111,7 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [f"| {c} | {b} | " + " | ".join(f"{v[m]:.2f}" if m in v else "-" for m in RATIO_METRICS) + " |"
                   for c, b, v in ratios]
         lines.append("")
+    lines += (doc.get("study") or {}).get("markdown", [])  # bench --study: measure/study_bench.py
     if doc.get("targets"):
         lines += ["## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
         for t in doc["targets"]:
@@ -164,7 +168,7 @@ def plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
                             yerr=[r["stats"].get(metric, {}).get("sd", 0.0) / 1e3 for _, r in pts],
                             marker="o", label=combo, capsize=3)
         for ax, name in zip(axes, ("image encode (s)", "time to first token (s)")):
-            ax.set_xlabel("images per question")
+            ax.set_xlabel("slices per question" if doc.get("study") else "images per question")
             ax.set_xticks(counts)
             ax.set_ylabel(name)
         axes[1].legend(fontsize=8)

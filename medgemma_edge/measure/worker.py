@@ -55,10 +55,11 @@ def _pipeline(spec: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     pipe = load(spec["bundle"], encoder=spec["encoder"], decoder=spec["decoder"], n_ctx=spec["n_ctx"],
-                n_threads=spec["threads"], verify=False)  # the parent verified every artifact once
+                n_threads=spec["threads"], verify=False,  # the parent verified every artifact once
+                encode_batch=spec.get("encode_batch"))
     load_s = time.perf_counter() - t0
     session = ChatSession(pipe, system=spec["system"])
-    first = session.ask(spec["prompt"], images=spec["images"],
+    first = session.ask(spec["prompt"], images=spec["images"], content=_content(spec),
                         sampling=SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True))
     calls = pipe.encoder_calls
     follow = session.ask(spec["followup"], sampling=SamplingParams(max_new_tokens=2, ignore_eos=True))
@@ -76,7 +77,8 @@ def _llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
     from medgemma_edge.measure.baseline_llama import LlamaCppBaseline, mtmd_prompt
     from medgemma_edge.bundle import open_bundle
     from medgemma_edge.inputs.images import resize_square
-    from medgemma_edge.runtime.template import render_prompt
+    from medgemma_edge.runtime.study_prompt import user_turn
+    from medgemma_edge.runtime.template import render_conversation, render_prompt
 
     bundle = open_bundle(spec["bundle"])
     size = int(bundle.config["vision"]["image_size"])
@@ -84,7 +86,9 @@ def _llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
     base = LlamaCppBaseline(bundle.path(bundle.find("decoder", spec["decoder"])),
                             bundle.path(bundle.find("encoder", spec["encoder"])), spec["n_ctx"], spec["threads"])
     load_s = time.perf_counter() - t0
-    text = mtmd_prompt(render_prompt(spec["prompt"], len(spec["images"]), spec["system"]))
+    content = _content(spec)
+    text = mtmd_prompt(render_conversation([user_turn(content)], spec["system"]) if content is not None
+                       else render_prompt(spec["prompt"], len(spec["images"]), spec["system"]))
     t0 = time.perf_counter()
     pixels = [resize_square(p, size) for p in spec["images"]]
     t_pre = time.perf_counter() - t0  # counted as encode time, as our pipeline's image stage includes it
@@ -107,6 +111,15 @@ def _llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
             "ttft_ms": (t_first - t0) * 1e3, "decode_tokens_per_s": (len(tokens) - 1) / decode_s if decode_s else 0.0,
             "followup_ttft_ms": followup_ms, "image_tokens": tally["image_n"],
             "prompt_tokens": tally["image_n"] + tally["text_n"], "tokens": tokens[:8]}
+
+
+def _content(spec: dict[str, Any]) -> Any:
+    """The notebook's volume prompt when the images are a study's slices (bench --study), else None."""
+    if not spec.get("volume"):
+        return None
+    from medgemma_edge.runtime.study_prompt import volume_content
+
+    return volume_content(spec["prompt"], len(spec["images"]))
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

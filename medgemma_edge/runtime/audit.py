@@ -4,18 +4,24 @@ identifies a patient (no pixels, no prompt or answer text, no DICOM tags) unless
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from medgemma_edge.errors import UserError
+from medgemma_edge.errors import AuditError, UserError
 from medgemma_edge.inputs.images import ImageInput
 from medgemma_edge.runtime.generate import NOTICE, GenerationResult
+
+log = logging.getLogger(__name__)
 
 
 def input_sha256(image: ImageInput) -> str:
@@ -30,23 +36,78 @@ def input_sha256(image: ImageInput) -> str:
 
 
 class AuditLog:
+    """Checked when opened, before any answer is generated; each record is one whole line or nothing.
+
+    The file is created on the first record, never empty: a run that fails before answering leaves no file.
+    """
+
     def __init__(self, path: Path, include_text: bool = False) -> None:
-        self.path, self.include_text = path, include_text
+        self.path, self.include_text = Path(path), include_text
+        fix = "choose a regular, writable file for --audit-log"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))  # private: it may hold text
+            st = self.path.stat()
+        except FileNotFoundError:
+            parent = self.path.parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{self.path}: cannot create the audit log's folder ({exc.strerror}); {fix}") from exc
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"{self.path}: cannot create the audit log (folder {parent} is not writable); {fix}")
+            return
         except OSError as exc:
-            raise UserError(f"{path}: cannot write the audit log ({exc.strerror}); choose a writable --audit-log") from exc
+            raise UserError(f"{self.path}: cannot read the audit log's status ({exc.strerror}); {fix}") from exc
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/full would swallow every line
+            raise UserError(f"{self.path}: is not a regular file; {fix}")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+            try:
+                pseudo = st.st_size == 0 and os.read(fd, 1) != b""  # /proc and /sys files: size 0, yet content
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot write the audit log ({exc.strerror}); {fix}") from exc
+        if pseudo:
+            raise UserError(f"{self.path}: is a kernel pseudo-file, not a log file; {fix}")
+        try:
+            self._drop_torn_tail()
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot repair the audit log ({exc.strerror}); {fix}") from exc
+
+    def _drop_torn_tail(self) -> None:
+        """A writer killed inside its one write (SIGKILL, power loss) may leave part of a line at the end: drop it,
+        so the log keeps only whole lines. Only the last line can be torn: every record is one write."""
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = pos = os.fstat(fd).st_size
+            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+                return
+            keep = 0
+            while pos > 0:  # the last newline, read backwards a block at a time
+                start = max(0, pos - (1 << 16))
+                cut = os.pread(fd, pos - start, start).rfind(b"\n")
+                if cut >= 0:
+                    keep = start + cut + 1
+                    break
+                pos = start
+            os.ftruncate(fd, keep)
+            os.fsync(fd)
+            log.warning("%s: dropped the last %d bytes, a line cut short when its writer was killed", self.path,
+                        size - keep)
+        finally:
+            os.close(fd)
 
     def record(self, command: str, info: dict[str, Any], prompt: str, system: str | None,
                images: Sequence[ImageInput], result: GenerationResult) -> None:
+        """Append one line; on any failure the file is left as it was and AuditError says the run is unaudited."""
         entry: dict[str, Any] = {
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
             "command": command,
             "bundle_id": info.get("bundle_id"),
             "artifacts": {k: info.get(k) for k in ("decoder", "encoder", "decoder_sha256", "encoder_sha256")},
             "inputs_sha256": [input_sha256(i) for i in images],
-            "prompt_sha256": hashlib.sha256(f"{system or ''}\x00{prompt}".encode()).hexdigest(),
+            "prompt_sha256": hashlib.sha256(f"{system or ''}\x00{prompt}".encode("utf-8", "surrogatepass")).hexdigest(),
             "tokens": {"prompt": result.prompt_tokens, "image": result.image_tokens,
                        "generated": len(result.token_ids), "reused": result.reused_tokens},
             "timings": result.timings,
@@ -55,10 +116,30 @@ class AuditLog:
         }
         if self.include_text:
             entry.update({"system": system, "prompt": prompt, "answer": result.text})
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
-        # one write on an O_APPEND descriptor: concurrent runs never interleave inside a line
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.append(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def append(self, line: str) -> None:
+        data = line.encode("utf-8", "surrogatepass")
+        existed = self.path.exists()
         try:
-            os.write(fd, line.encode("utf-8"))
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # private: it may hold text
+        except OSError as exc:
+            raise self._unaudited(exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # writers on this machine take turns: no line is interleaved
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, size)  # never leave half a line (or an empty new file) behind
+                if not existed:
+                    os.unlink(self.path)
+                raise self._unaudited(exc) from exc
         finally:
             os.close(fd)
+
+    def _unaudited(self, exc: OSError) -> AuditError:
+        return AuditError(f"{self.path}: the answer was produced but is NOT audited: the audit line could not be "
+                          f"written ({exc.strerror or exc}); free space or choose another --audit-log, then run again")

@@ -20,6 +20,7 @@ class Detokenizer(Protocol):
 class Tokenizer(Protocol):
     def tokenize(self, text: str) -> list[int]: ...  # plain text: never special-token parsing, no BOS
     def piece(self, token: int) -> bytes: ...
+    def special_id(self, text: str) -> int | None: ...  # a control token by its text ("<unused94>"), if any
     def detokenizer(self) -> Detokenizer: ...
 
 

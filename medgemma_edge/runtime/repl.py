@@ -32,6 +32,7 @@ class ChatRepl:
     note: Callable[[str], None]  # status and error lines
     answered: Callable[[str, Sequence[Path], GenerationResult], None] | None = None  # e.g. the audit log
     pending: list[Path] = field(default_factory=list)
+    think: Callable[[str], None] | None = None  # reasoning, streamed apart from the answer (None: not shown)
 
     def feed(self, line: str | bytes) -> bool:
         """Handle one input line; False when the user asked to leave."""
@@ -77,10 +78,16 @@ class ChatRepl:
         try:
             question = self.question(text, paths)
             result = None
+            thought = False
             for chunk in self.session.stream_ask(question, images=self.prepare(paths), sampling=self.sampling):
+                if self.think and chunk.reasoning:
+                    self.think(chunk.reasoning)
+                    thought = True
                 self.write(chunk.text)
                 result = chunk.result or result
             self.write("\n")
+            if thought and self.think:
+                self.think("\n")
         except UserError as exc:  # e.g. context full or an unreadable image: report it, keep the session
             self.note(f"error: {exc}")
             return

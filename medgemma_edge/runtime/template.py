@@ -46,26 +46,66 @@ class Markers:
 
 
 @dataclass(frozen=True)
+class ImageItem:
+    """An image in a turn's content; with pan-and-scan, followed by `crops` crops (each its own image slot)."""
+
+    crops: int = 0
+
+
+Item = Union[str, ImageItem]
+
+
+@dataclass(frozen=True)
 class Turn:
     role: str  # "user" | "model"
     text: str
     n_images: int = 0
+    content: tuple[Item, ...] | None = None  # the items in order; None: the text, then `n_images` images
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        return self.content if self.content is not None else (self.text, *[ImageItem()] * self.n_images)
+
+    @property
+    def n_slots(self) -> int:
+        """Image slots the turn fills: each image, and each of its crops."""
+        return sum(1 + item.crops for item in self.items if isinstance(item, ImageItem))
+
+
+def image_parts(first: int, crops: int = 0, markers: Markers = Markers()) -> list[Part]:
+    """One image item: its span, or with crops the sentence transformers writes around the original and crops.
+
+    ref: transformers Gemma3Processor.full_image_sequence and replace_image_token (pan-and-scan).
+    """
+    def span(i: int) -> list[Part]:
+        return ["\n\n", Control(markers.boi), ImageSlot(i), Control(markers.eoi), "\n\n"]
+
+    if not crops:
+        return span(first)
+    parts = ["Here is the original image ", *span(first), " and here are some crops to help you see better "]
+    for k in range(crops):
+        parts += [" "] * (k > 0) + span(first + 1 + k)
+    return parts
 
 
 def render_conversation(turns: Sequence[Turn], system: str | None = None, markers: Markers = Markers()) -> list[Part]:
     """BOS, the whole conversation and the generation prompt (`<start_of_turn>model\n`).
 
-    Text comes first in a user turn, then its images, as the model card's examples do; the
-    template trims each message but not the system text, which prefixes the first user turn.
+    Without `content`, text comes first in a user turn, then its images, as the model card's examples do.
+    The template trims each text item but not the system text, which prefixes the first user turn; items
+    follow each other with nothing between them (ref: Gemma 3 chat_template, `item['text'] | trim`).
     """
     parts: list[Part] = [Control(BOS_ID)]
     n_seen = 0
     for i, turn in enumerate(turns):
         prefix = f"{system}\n\n" if system and i == 0 else ""
-        parts += [Control(START_OF_TURN_ID), f"{turn.role}\n{prefix}{turn.text.strip()}"]
-        for _ in range(turn.n_images):
-            parts += ["\n\n", Control(markers.boi), ImageSlot(n_seen), Control(markers.eoi), "\n\n"]
-            n_seen += 1
+        parts += [Control(START_OF_TURN_ID), f"{turn.role}\n{prefix}"]
+        for item in turn.items:
+            if isinstance(item, str):
+                parts.append(item.strip())
+            else:
+                parts += image_parts(n_seen, item.crops, markers)
+                n_seen += 1 + item.crops
         parts += [Control(END_OF_TURN_ID), "\n"]
     parts += [Control(START_OF_TURN_ID), "model\n"]
     return parts

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 # Lower number = lower layer. A module may import its own layer and those below, never above.
 LAYERS = {"errors": 0, "fsutil": 0, "versions": 0, "bundle": 1, "inputs": 2, "backends": 3, "runtime": 4,
-          "extras": 5, "measure": 6, "cli": 7}
+          "extras": 5, "measure": 6, "datasets": 6, "serve": 6, "cli": 7}
 # The runtime reaches the `convert` extra only through these doorways, and only inside functions.
 CONVERT_DOORWAYS = {"medgemma_edge.extras", "medgemma_edge.measure.validation_report"}
 

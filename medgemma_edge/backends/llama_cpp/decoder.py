@@ -8,28 +8,36 @@ the image span is bidirectional, as transformers does with `token_type_ids`.
 from __future__ import annotations
 
 import ctypes
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from medgemma_edge.backends.llama_cpp.checks import DecoderShape, check_decoder
 from medgemma_edge.backends.llama_cpp.lib import quiet_llama
 from medgemma_edge.backends.llama_cpp.tokenizer import LlamaTokenizer
 from medgemma_edge.bundle.gguf_header import read_gguf_header
 from medgemma_edge.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 class LlamaModel:
     """A Gemma 3 GGUF's weights and vocabulary, loaded once and shared by every context."""
 
-    def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> None:
+    def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False,
+                 expect: DecoderShape | None = None) -> None:
+        """`expect`: the manifest's shape; without it the header must at least agree with itself."""
         quiet_llama()  # first: it turns a library load failure into a clear error
         import llama_cpp
         self._ll = llama_cpp
         self.path = Path(path)
-        arch = read_gguf_header(self.path).get("general.architecture")
+        header = read_gguf_header(self.path)
+        arch = header.get("general.architecture")
         if arch != "gemma3":
             raise UserError(f"{path}: GGUF architecture is {arch!r}, not a Gemma 3 decoder ('gemma3'); "
                             f"pass a decoder GGUF (an mmproj is an image encoder)")
+        self.shape = check_decoder(header, self.path, expect)  # before llama.cpp, which aborts on surprises
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         # Read, not mmap: llama.cpp repacks most CPU weights into its own buffers, and a mapping would
@@ -81,7 +89,9 @@ class LlamaDecoder:
             cparams.n_threads = cparams.n_threads_batch = n_threads
         if kv_f32:  # the f16 default KV cache alone moves f32 logits by ~1e-3
             cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F32
-        cparams.swa_full = True  # keep the whole window history so a session can roll back and reuse it
+        # Sliding-window layers keep only their window (+ a batch): at 4B, 29 of 34 layers stop growing with
+        # the context. A rollback past what they still hold replays the kept calls (truncate below).
+        cparams.swa_full = False
         cparams.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(model._model, cparams)
         if not self._ctx:
@@ -89,6 +99,8 @@ class LlamaDecoder:
                             f"lower --ctx")
         self.n_ctx = n_ctx
         self.n_past = 0
+        self.window = model.shape.window  # None: no sliding-window layers
+        self._history: list[tuple[int, list[int] | np.ndarray]] = []  # (start, tokens or embeddings) per call
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._ebatch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
 
@@ -96,25 +108,46 @@ class LlamaDecoder:
     def reset(self) -> None:
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self._ctx), True)
         self.n_past = 0
+        self._history = []
 
     def truncate(self, n_keep: int) -> None:
-        """Forget cached positions from `n_keep` on, so a shared prefix can be reused."""
-        self._ll.llama_memory_seq_rm(self._ll.llama_get_memory(self._ctx), 0, n_keep, -1)
-        self.n_past = n_keep
+        """Forget cached positions from `n_keep` on, so a shared prefix can be reused. When the sliding-window
+        layers no longer hold the window that position n_keep needs, the kept calls are evaluated again."""
+        if n_keep >= self.n_past:
+            return
+        memory = self._ll.llama_get_memory(self._ctx)
+        self._ll.llama_memory_seq_rm(memory, 0, n_keep, -1)
+        kept = [(start, p if start + len(p) <= n_keep else p[:n_keep - start]) for start, p in self._history
+                if start < n_keep]
+        self.n_past, self._history = n_keep, kept
+        # the next position attends to keys at positions > n_keep - window (ref: llama.cpp is_masked_swa, standard)
+        lowest = self._ll.llama_memory_seq_pos_min(memory, 0)
+        if self.window and n_keep > 0 and not 0 <= lowest <= max(0, n_keep - self.window + 1):
+            log.info("rolling back to %d positions, past what the sliding-window cache holds: replaying %d calls",
+                     n_keep, len(kept))
+            self.reset()
+            for _, payload in kept:
+                if isinstance(payload, np.ndarray):
+                    self.eval_embeddings(payload, logits=False)
+                else:
+                    self.eval_tokens(payload, logits=False)
 
-    def eval_tokens(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
-        """Prefill token ids causally; returns logits [n, vocab] (all) or [1, vocab] (last)."""
-        outs = []
+    def eval_tokens(self, tokens: list[int], all_logits: bool = False, logits: bool = True) -> np.ndarray:
+        """Prefill token ids causally; returns logits [n, vocab] (all), [1, vocab] (last) or [0, vocab]
+        (`logits=False`: the LM head is skipped, 262k columns per row)."""
+        start_pos, outs = self.n_past, []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
-            last = start + len(chunk) == len(tokens)
+            last = start + len(chunk) == len(tokens) and logits
             b = self._batch
             for i, tok in enumerate(chunk):
                 b.token[i] = tok
             outs.append(self._decode(b, len(chunk), all_logits, last))
+        if tokens:
+            self._history.append((start_pos, list(tokens)))
         return np.concatenate(outs) if outs else np.zeros((0, self.n_vocab), np.float32)
 
-    def eval_embeddings(self, embd: np.ndarray, all_logits: bool = False) -> np.ndarray:
+    def eval_embeddings(self, embd: np.ndarray, all_logits: bool = False, logits: bool = True) -> np.ndarray:
         """Prefill one image's embeddings [n, n_embd] in one batch with bidirectional attention."""
         n = embd.shape[0]
         if embd.shape[1] != self.n_embd:
@@ -127,7 +160,10 @@ class LlamaDecoder:
         ctypes.memmove(b.embd, data.ctypes.data, data.nbytes)
         self._ll.llama_set_causal_attn(self._ctx, False)
         try:
-            return self._decode(b, n, all_logits, True)
+            start_pos = self.n_past
+            out = self._decode(b, n, all_logits, logits)
+            self._history.append((start_pos, embd))  # the caller's array (an image span's): no copy
+            return out
         finally:
             self._ll.llama_set_causal_attn(self._ctx, True)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from medgemma_edge.backends.llama_cpp.checks import check_mmproj
 from medgemma_edge.backends.llama_cpp.lib import quiet_llama
 from medgemma_edge.bundle.gguf_header import read_gguf_header
 from medgemma_edge.errors import UserError
@@ -19,23 +21,19 @@ from medgemma_edge.errors import UserError
 class MtmdEncoder:
     """Encodes square RGB uint8 images [S, S, 3] into image-token embeddings [tokens, hidden]."""
 
-    def __init__(self, mmproj: Path, vocab_gguf: Path, n_embd: int, n_threads: int | None = None,
-                 use_gpu: bool = False) -> None:
+    def __init__(self, mmproj: Path, vocab_gguf: Path, n_embd: int, vision: dict[str, Any], tokens_per_image: int,
+                 n_threads: int | None = None, use_gpu: bool = False) -> None:
+        """`vision`: the manifest's vision config, which the mmproj header must match before mtmd reads it."""
         quiet_llama()  # first: it turns a library load failure into a clear error
         import llama_cpp
         from llama_cpp import mtmd_cpp
         self._ll, self._mt = llama_cpp, mtmd_cpp
         self.path = mmproj
         self.providers = ["llama.cpp"]
-        header = read_gguf_header(mmproj)
-        if header.get("general.architecture") != "clip" or header.get("clip.projector_type") != "gemma3":
-            raise UserError(f"{mmproj}: not a Gemma 3 mmproj (architecture {header.get('general.architecture')!r}, "
-                            f"projector {header.get('clip.projector_type')!r}); pass the mmproj from the same conversion")
-        # mtmd cannot check this against a vocabulary-only text model, so we do
-        self.n_embd = int(header.get("clip.vision.projection_dim", -1))
-        if self.n_embd != n_embd:
-            raise UserError(f"{mmproj}: mmproj projects to width {self.n_embd} but the decoder's hidden size is "
-                            f"{n_embd}: this mmproj belongs to another model")
+        # mtmd aborts the process on shapes it did not expect (and cannot check the width against a
+        # vocabulary-only text model), so every hyperparameter and tensor shape is checked first
+        check_mmproj(read_gguf_header(mmproj), mmproj, vision, n_embd, tokens_per_image)
+        self.n_embd = n_embd
         # mtmd needs a text model for its vocabulary and to check the embedding width; the
         # vocabulary-only load reads metadata, not weights.
         mparams = llama_cpp.llama_model_default_params()
