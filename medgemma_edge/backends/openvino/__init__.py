@@ -1,0 +1,1 @@
+"""OpenVINO: the vision encoder as an OpenVINO IR, compiled for the CPU plugin (an optional extra)."""
