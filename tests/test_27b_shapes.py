@@ -69,7 +69,7 @@ def test_the_checkpoint_has_the_27b_rules(case) -> None:
 
 
 def test_f32_parity_text(case) -> None:
-    _, _, bundle, ref = case
+    size, _, bundle, ref = case
     ref_ids, ref_logits = ref.prompt_logits(PROMPT, [], SYSTEM)
     pipe = medgemma_edge.load(bundle, decoder="gguf:f32", text_only=True)
     ids, logits = pipe.prompt_logits(PROMPT, [], SYSTEM)
@@ -77,6 +77,7 @@ def test_f32_parity_text(case) -> None:
     assert ids.tolist() == ref_ids.tolist()
     m = parity(ref_logits, logits)
     share, agree = decisive_top1(ref_logits, logits)
+    print(f"{size} text, gguf:f32 vs transformers: mean KL {m['mean_kl']:.2e}, top-1 {m['top1']:.3f}")
     assert m["mean_kl"] < F32_KL and share >= 0.9 and agree, (m, share)
 
 
@@ -89,6 +90,7 @@ def test_f32_parity_image(built, xray_png: Path) -> None:
     assert ids.tolist() == ref_ids.tolist() and (ids == 262144).sum() == 16
     m = parity(ref_logits, logits)
     share, agree = decisive_top1(ref_logits, logits)
+    print(f"tiny-27b image+text, gguf:f32+gguf:f32 vs transformers: mean KL {m['mean_kl']:.2e}, top-1 {m['top1']:.3f}")
     assert m["mean_kl"] < F32_KL and share >= 0.9 and agree, (m, share)
 
 

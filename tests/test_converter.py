@@ -186,3 +186,27 @@ def test_other_shapes_convert_and_match(tmp_path: Path, xray_png: Path) -> None:
     assert ids.tolist() == ref_ids.tolist() and (ids == 262144).sum() == 8
     m = parity(ref_logits, logits)
     assert m["mean_kl"] < 1e-4, m
+
+
+def test_a_checkpoint_with_only_tokenizer_model_places_image_markers_by_id(tiny_ckpt: Path, tiny_bundle: Path,
+                                                                           xray_png: Path, tmp_path: Path) -> None:
+    """Fine-tunes ship trimmed tokenizer files: with no tokenizer_config.json declaring `<start_of_image>`, the
+    markers still come from config.json's ids, so the prompt (and logits) equal the full checkpoint's."""
+    import medgemma_edge
+    from helpers import linked_copy
+
+    trimmed = linked_copy(tiny_ckpt, tmp_path / "ckpt")
+    for name in ("tokenizer_config.json", "tokenizer.json", "added_tokens.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
+        (trimmed / name).unlink(missing_ok=True)
+    assert {p.name for p in trimmed.iterdir() if p.name.startswith(("tokenizer", "added", "special"))} == \
+        {"tokenizer.model"}
+    convert_checkpoint(trimmed, tmp_path / "bundle", ["f32"], ["f32"], progress=False)
+    question = "Describe this X-ray <start_of_image> as text"  # marker text typed by a user stays text
+    with medgemma_edge.load(tmp_path / "bundle", decoder="gguf:f32", encoder="gguf:f32") as pipe:
+        ids, logits = pipe.prompt_logits(question, [xray_png], "You are an expert radiologist.")
+    with medgemma_edge.load(tiny_bundle, decoder="gguf:f32", encoder="gguf:f32", verify=False) as pipe:
+        full_ids, full_logits = pipe.prompt_logits(question, [xray_png], "You are an expert radiologist.")
+    assert ids.tolist() == full_ids.tolist()
+    assert (ids == 255999).sum() == 1 and (ids == 256000).sum() == 1  # only the template's own markers
+    np.testing.assert_allclose(logits, full_logits, atol=1e-4, rtol=0)

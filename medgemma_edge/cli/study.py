@@ -57,6 +57,8 @@ def check(kw: dict[str, Any], images: tuple[Path, ...] | list[Path]) -> None:
         raise UserError("--dicom-frame picks a frame of an --image; a --study reads every slice: drop --dicom-frame")
     if kw.get("priors") and not images:
         raise UserError("--prior needs the current image: pass it with --image")
+    if kw.get("pan_and_scan") and not images:
+        raise UserError("--pan-and-scan crops an image: pass it with --image")
 
 
 def plan_turn(kw: dict[str, Any], prompt: str, images: tuple[Path, ...]) -> Any:

@@ -88,14 +88,14 @@ def run_job(job: Job, items: Sequence[Item], output: Path | str, options: Engine
         def sink(record: dict[str, Any]) -> None:
             if record["key"] in results.done:  # a task the engine retried after its line was written
                 return
+            if on_record is not None:  # the audit line first: a kill in between repeats it, never loses it
+                on_record(record)
             results.append(record)
             summary.done += 1
             summary.failed += record.get("status") != "ok"
             summary.wall_s = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(failed=summary.failed, refresh=False)
-            if on_record is not None:
-                on_record(record)
 
         def loaded(info: dict[str, Any]) -> None:
             summary.load_s = info.get("load_s")

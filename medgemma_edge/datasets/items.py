@@ -35,7 +35,6 @@ MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 1 << 16  # a question, an answer or an option
 LETTERS = string.ascii_uppercase
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
-FIELDS = ("id", "images", "study", "question", "answer", "options")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -234,7 +233,8 @@ def _generate(pipe: Pipeline, job: Job, item: Item, text: str) -> tuple[Generati
 
         turn = plan_volume(Path(item.study), text, dicom_context=job.dicom_context, **dict(job.study))
         system = thinking_system(pipe.tokenizer, job.system, item.study) if job.thinking else job.system
-        return ask_turn(pipe, turn, system, job.sampling), {"study": turn.info, "prompt": turn.question}
+        return (ask_turn(pipe, turn, system, job.sampling, thinking=job.thinking),
+                {"study": turn.info, "prompt": turn.question})
     asked = _asked(job, item, text)
     result = generate(pipe, asked, _images(job, item), system=job.system, sampling=job.sampling, raw=job.raw,
                       thinking=job.thinking)
@@ -292,7 +292,3 @@ def _score(pipe: Pipeline, job: Job, item: Item) -> dict[str, Any]:
             "option_tokens": {letter: n for letter, (_, n) in zip(item.letters, lls)},
             "pred_loglik": pred_ll, "pred_generated": pred_gen,
             "correct_loglik": pred_ll == item.answer, "correct_generated": pred_gen == item.answer}
-
-
-def worker_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

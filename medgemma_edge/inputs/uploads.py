@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from medgemma_edge.errors import UserError
-from medgemma_edge.fsutil import regular_file_size
+from medgemma_edge.fsutil import regular_file_size, sha256_file
 from medgemma_edge.inputs.dicom import is_dicom, render
 from medgemma_edge.inputs.images import load_image, to_rgb
 from medgemma_edge.inputs.limits import check_pixels
@@ -117,15 +117,12 @@ def upload_from_file_url(url: str, allowed: Sequence[Path], name: str, frame: in
                         f"move the file there or send it as a data: URL")
     if regular_file_size(real) is None:
         raise UserError(f"{name}: {path} is not a readable image file inside --allow-dir; check the path")
+    digest = sha256_file(real)  # before decoding: the audit names the bytes that were read
     dicom = is_dicom(real)
     img = _decode(real, dicom, frame)
-    h = hashlib.sha256()
     with real.open("rb") as f:
         head = f.read(132)
-        h.update(head)
-        while block := f.read(1 << 20):
-            h.update(block)
-    return Upload(img, h.hexdigest(), "dicom" if dicom else (sniff(head) or "image"))
+    return Upload(img, digest, "dicom" if dicom else (sniff(head) or "image"))
 
 
 def image_url(url: str, name: str, max_bytes: int, allowed: Sequence[Path] = (), frame: int | None = None) -> Upload:

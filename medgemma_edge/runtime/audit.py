@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from medgemma_edge.errors import AuditError, UserError
+from medgemma_edge.fsutil import sha256_file
 from medgemma_edge.inputs.images import ImageInput
 from medgemma_edge.runtime.generate import NOTICE, GenerationResult
 
@@ -28,11 +29,7 @@ def input_sha256(image: ImageInput) -> str:
     """sha256 of the file as stored (or of a PIL image's pixels): identifies the input, reveals nothing."""
     if isinstance(image, Image.Image):
         return hashlib.sha256(image.tobytes()).hexdigest()
-    h = hashlib.sha256()
-    with Path(image).open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(Path(image))
 
 
 class AuditLog:
@@ -133,9 +130,12 @@ class AuditLog:
                     raise OSError(errno.ENOSPC, "short write")
                 os.fsync(fd)
             except OSError as exc:
-                os.ftruncate(fd, size)  # never leave half a line (or an empty new file) behind
-                if not existed:
-                    os.unlink(self.path)
+                try:  # never leave half a line (or an empty file we created) behind; `size` is read under the
+                    os.ftruncate(fd, size)  # lock, so a file another writer has written to is never removed
+                    if size == 0 and not existed:
+                        os.unlink(self.path)
+                except OSError:
+                    log.warning("%s: could not remove a partly written audit line", self.path)
                 raise self._unaudited(exc) from exc
         finally:
             os.close(fd)

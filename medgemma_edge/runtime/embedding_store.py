@@ -17,6 +17,7 @@ Layout: `DIR/CACHEDIR.TAG` (backup tools skip the folder), `DIR/lock`, `DIR/v1/a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -24,6 +25,7 @@ import logging
 import os
 import secrets
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +130,11 @@ class EmbeddingStore:
                         exc.strerror or exc)
             return
         self.writes += 1
-        self.evict(keep=path)  # counts every process's entries (a stat each): milliseconds, against seconds to encode
+        try:
+            self.evict(keep=path)  # counts every process's entries (a stat each): milliseconds, against seconds to encode
+        except OSError as exc:
+            log.warning("embedding cache: cannot evict in %s (%s); the cache may grow past its bound", self.dir,
+                        exc.strerror or exc)
 
     def evict(self, keep: Path | None = None) -> int:
         """Delete least recently used entries until they fit 90% of the bound; returns how many went.
@@ -211,20 +217,15 @@ def _read_entry(f, key: str, size: int) -> tuple[np.ndarray | None, str]:  # noq
     return np.frombuffer(payload, dtype=dtype).reshape(shape), ""
 
 
-class _locked:
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
     """An exclusive flock on `path` (created if needed) for the duration of a `with` block."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = -1
-
-    def __enter__(self) -> "_locked":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)  # closing releases the lock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _drop_dead_partial(p: Path) -> None:

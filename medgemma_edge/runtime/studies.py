@@ -136,23 +136,25 @@ def plan_images(question: str, images: Sequence[Path], priors: Sequence[Path] = 
 
 
 def stream_turn(pipe: Pipeline, turn: StudyTurn, system: str | None = None, sampling: SamplingParams | None = None,
-                cache: PromptCache | None = None) -> Iterator[GenerationChunk]:
-    """Answer the turn, chunk by chunk (the last chunk carries the result)."""
+                cache: PromptCache | None = None, thinking: bool = False) -> Iterator[GenerationChunk]:
+    """Answer the turn, chunk by chunk (the last chunk carries the result). `thinking`: `system` already
+    carries the thinking instruction (thinking_system), so a JSON schema allows one thought first."""
     parts = render_conversation([user_turn(turn.content)], system, pipe.facts.markers)
-    yield from stream_parts(pipe, parts, turn.ready(pipe.facts.image_size), sampling or SamplingParams(), cache)
+    yield from stream_parts(pipe, parts, turn.ready(pipe.facts.image_size), sampling or SamplingParams(), cache,
+                            thinking=thinking)
 
 
 def ask_turn(pipe: Pipeline, turn: StudyTurn, system: str | None = None, sampling: SamplingParams | None = None,
-             cache: PromptCache | None = None) -> GenerationResult:
-    return collect(stream_turn(pipe, turn, system, sampling, cache))
+             cache: PromptCache | None = None, thinking: bool = False) -> GenerationResult:
+    return collect(stream_turn(pipe, turn, system, sampling, cache, thinking))
 
 
 class StudySession(ChatSession):
     """A conversation about one study: the first question (again after reset) carries the study, as
     `plan_volume`/`plan_images` planned it; follow-ups are plain turns, and encode nothing."""
 
-    def __init__(self, pipeline: Pipeline, study: StudyTurn, system: str | None = None) -> None:
-        super().__init__(pipeline, system)
+    def __init__(self, pipeline: Pipeline, study: StudyTurn, system: str | None = None, thinking: bool = False) -> None:
+        super().__init__(pipeline, system, thinking)
         self.study = study
 
     def stream_ask(self, text: str, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,

@@ -56,10 +56,12 @@ async def chat_completion(state: ServerState, request: Request, body: ChatReques
         prep.prepare_ms = (time.perf_counter() - arrived) * 1e3
         deadline = arrived + state.config.limits.request_timeout_s
         slot = await _wait_for_slot(pool, request, prep, deadline)
+        job = Job(state, request, prep, slot, arrived, deadline)
     except BaseException:
+        if slot is not None:  # Job would have released it when its generation ended
+            pool.release(slot)
         pool.leave()
         raise
-    job = Job(state, request, prep, slot, arrived, deadline)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(job.events(include_usage), ping=15, sep="\n")
