@@ -1,4 +1,4 @@
-"""Atomic publishing of files and folders, and content hashes.
+"""Atomic publishing of files and folders, content hashes, and the repair of a line-per-record file.
 
 Everything medgemma-edge writes that another process may read (bundles, manifests, synthetic
 checkpoints, the tokenizer cache, validation reports) is written under a hidden partial name that
@@ -27,6 +27,27 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def drop_torn_tail(fd: int) -> int:
+    """Cut a file of whole lines back to its last newline; returns the bytes dropped (0: it already ends whole).
+
+    A writer killed inside its one write (SIGKILL, power loss) can leave part of a line at the end, and only there.
+    """
+    size = pos = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return 0
+    keep = 0
+    while pos > 0:  # the last newline, read backwards a block at a time
+        start = max(0, pos - (1 << 16))
+        cut = os.pread(fd, pos - start, start).rfind(b"\n")
+        if cut >= 0:
+            keep = start + cut + 1
+            break
+        pos = start
+    os.ftruncate(fd, keep)
+    os.fsync(fd)
+    return size - keep
 
 
 def regular_file_size(path: Path) -> int | None:

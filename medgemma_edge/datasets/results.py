@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_edge.errors import UserError
-from medgemma_edge.fsutil import atomic_write
+from medgemma_edge.fsutil import atomic_write, drop_torn_tail
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +69,11 @@ class ResultLog:
             raise
 
     def _repair(self) -> None:
-        """Cut off a torn last line (a writer killed inside its one write): only the last line can be torn."""
-        size = os.fstat(self.fd).st_size
-        if size == 0 or os.pread(self.fd, 1, size - 1) == b"\n":
-            return
-        pos, keep = size, 0
-        while pos > 0:  # the last newline, read backwards a block at a time
-            start = max(0, pos - (1 << 16))
-            cut = os.pread(self.fd, pos - start, start).rfind(b"\n")
-            if cut >= 0:
-                keep = start + cut + 1
-                break
-            pos = start
-        os.ftruncate(self.fd, keep)
-        os.fsync(self.fd)
-        self.repaired = size - keep
-        log.warning("%s: dropped a torn last line (%d bytes, its writer was killed); that item runs again",
-                    self.path, self.repaired)
+        """Cut off a torn last line (a writer killed inside its one write)."""
+        self.repaired = drop_torn_tail(self.fd)
+        if self.repaired:
+            log.warning("%s: dropped a torn last line (%d bytes, its writer was killed); that item runs again",
+                        self.path, self.repaired)
 
     def records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, record) of every line, each checked to be a JSON object."""

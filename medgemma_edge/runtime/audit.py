@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from medgemma_edge.errors import AuditError, UserError
-from medgemma_edge.fsutil import sha256_file
+from medgemma_edge.fsutil import drop_torn_tail, sha256_file
 from medgemma_edge.inputs.images import ImageInput
 from medgemma_edge.runtime.generate import NOTICE, GenerationResult
 
@@ -72,28 +72,16 @@ class AuditLog:
             raise UserError(f"{self.path}: cannot repair the audit log ({exc.strerror}); {fix}") from exc
 
     def _drop_torn_tail(self) -> None:
-        """A writer killed inside its one write (SIGKILL, power loss) may leave part of a line at the end: drop it,
-        so the log keeps only whole lines. Only the last line can be torn: every record is one write."""
+        """Keep only whole lines: a writer killed inside its one write may have left part of one at the end."""
         fd = os.open(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            size = pos = os.fstat(fd).st_size
-            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-                return
-            keep = 0
-            while pos > 0:  # the last newline, read backwards a block at a time
-                start = max(0, pos - (1 << 16))
-                cut = os.pread(fd, pos - start, start).rfind(b"\n")
-                if cut >= 0:
-                    keep = start + cut + 1
-                    break
-                pos = start
-            os.ftruncate(fd, keep)
-            os.fsync(fd)
-            log.warning("%s: dropped the last %d bytes, a line cut short when its writer was killed", self.path,
-                        size - keep)
+            dropped = drop_torn_tail(fd)
         finally:
             os.close(fd)
+        if dropped:
+            log.warning("%s: dropped the last %d bytes, a line cut short when its writer was killed", self.path,
+                        dropped)
 
     def record(self, command: str, info: dict[str, Any], prompt: str, system: str | None,
                images: Sequence[ImageInput], result: GenerationResult) -> None:
