@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--scaling", default="1,4,16,85")
+    ap.add_argument("--combos", default=COMBOS, help="bench's combinations (e.g. the composed path alone at 85 slices)")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<hardware>-4b/study")
     args = ap.parse_args()
 
@@ -60,7 +61,7 @@ def main() -> None:
     if not series.is_dir():
         write_series(series, 120, size=512, seed=0)
     out = args.out or REPO / "benchmarks" / "results" / f"{slug(fingerprint())}-4b" / "study"
-    sh(*CLI, "bench", "--bundle", bundle, "--study", series, "--scaling", args.scaling, "--combos", COMBOS,
+    sh(*CLI, "bench", "--bundle", bundle, "--study", series, "--scaling", args.scaling, "--combos", args.combos,
        "--reps", str(args.reps), "--warmup", str(args.warmup), "--new-tokens", str(args.new_tokens),
        "--threads", str(args.threads), "--note", NOTE, "--out", out)
     print(f"results in {out} (the rendered slices are in {out / 'inputs'}: not results, delete before committing)",

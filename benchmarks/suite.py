@@ -10,7 +10,8 @@
 5. results copied to benchmarks/results/<hardware>/ (JSON, markdown, PNG).
 
 Needs ~45 GB of disk under --work and ~21 GB of RAM (the transformers fp32 baseline). On 2 cores: synth ~1 min,
-convert ~16 min, bench ~36 min, validate ~10 min (measured on the machine in results/amd-epyc-2c-4b).
+convert ~16 min, bench ~36 min, validate ~10 min (measured on the machine in results/amd-epyc-2c-4b,
+before Q4_0 and the ONNX int4 decoder joined the suite: they add two conversions and two combinations).
 Steps 1-2 are skipped when their output exists, so a re-run only re-measures.
 """
 
@@ -25,12 +26,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [str(Path(sys.executable).with_name("medgemma-edge"))]
-# Not in the suite: ONNX fp16 vision (a GPU precision; ORT's CPU kernels are fp32/int8), int8_static (it needs
-# calibration images; measured apart, slower than dynamic int8 on CPU: benchmarks/README.md) and the ONNX
-# decoder (its exporter traces the 4B text model in fp32, ~17 GB, before quantizing).
-CONVERT = ["--gguf", "q4_k_m,q8_0", "--mmproj", "f16,q8_0", "--onnx-vision", "fp32,int8"]
+# Not in the suite: ONNX fp16 vision (a GPU precision; ORT's CPU kernels are fp32/int8) and int8_static (it needs
+# calibration images; measured apart, slower than dynamic int8 on CPU: benchmarks/README.md).
+CONVERT = ["--gguf", "q4_k_m,q8_0,q4_0", "--mmproj", "f16,q8_0", "--onnx-vision", "fp32,int8", "--onnx-decoder", "int4"]
 COMBOS = ("llama.cpp:f16+q4_k_m,gguf:f16+gguf:q4_k_m,onnx:int8+gguf:q4_k_m,onnx:fp32+gguf:q4_k_m,"
-          "gguf:q8_0+gguf:q4_k_m,onnx:int8+gguf:q8_0,transformers:fp32")
+          "gguf:q8_0+gguf:q4_k_m,onnx:int8+gguf:q8_0,onnx:int8+gguf:q4_0,onnx:int8+onnx:int4,transformers:fp32")
 SCALING_COMBOS = "llama.cpp:f16+q4_k_m,onnx:int8+gguf:q4_k_m"
 NOTE = "SYNTHETIC random weights in MedGemma 4B's exact shapes: speed and memory are real, answers are not"
 

@@ -102,6 +102,8 @@ def test_batched_encoding_equals_one_by_one(tiny_bundle: Path, ct85: Path, capsy
         one = [s.embeddings for s in single.encode_images(images)]
     with medgemma_edge.load(tiny_bundle, encoder="onnx:fp32", decoder="gguf:q4_k_m", encode_batch=4) as batched:
         four = [s.embeddings for s in batched.encode_images(images)]
+        batched.encode_batch = None  # the default from memory: the tiny encoder fits 8, but a CPU stops at 2
+        assert batched._batch_size() == 2
         assert batched.encoder_calls == 7
         batched.image_cache = type(batched.image_cache)()  # empty: encode again, with the bar on
         batched.progress = True

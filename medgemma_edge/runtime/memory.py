@@ -107,13 +107,19 @@ def vision_bytes_per_image(config: dict[str, Any]) -> int:
     return (v["image_size"] // v["patch_size"]) ** 2 * 24 * v["hidden_size"] * 4
 
 
-def encode_batch_size(per_image: int, available: int | None, cap: int = 8) -> int:
-    """Images per ONNX encoder call: as many as half the available memory holds, 1..cap.
+# On a CPU a batch only saves per-call overhead (measured at 4B: 8 images per call cost 0.96x per image and
+# 4.8 GB more peak RSS than 1), so CPUs stop at 2; an accelerator keeps its cores busy with up to 8.
+CPU_ENCODE_BATCH_CAP, ACCEL_ENCODE_BATCH_CAP = 2, 8
+
+
+def encode_batch_size(per_image: int, available: int | None, on_cpu: bool = True) -> int:
+    """Images per ONNX encoder call: as many as half the available memory holds, 1..the device's cap.
 
     The runtime's arena keeps what the largest batch needed, so a larger batch is paid for the whole run.
     """
     if per_image <= 0 or available is None:
         return 1
+    cap = CPU_ENCODE_BATCH_CAP if on_cpu else ACCEL_ENCODE_BATCH_CAP
     return max(1, min(cap, available // 2 // per_image))
 
 

@@ -145,7 +145,9 @@ class Pipeline:
             return self.encode_batch
         if not hasattr(self.encoder, "encode_batch"):  # mtmd encodes one image per call
             return 1
-        return memory.encode_batch_size(self.facts.vision_bytes_per_image, memory.available_bytes())
+        providers = getattr(self.encoder, "providers", None) or ["CPU"]
+        on_cpu = "CPU" in providers[0].upper()  # CPUExecutionProvider, OpenVINO:CPU:...
+        return memory.encode_batch_size(self.facts.vision_bytes_per_image, memory.available_bytes(), on_cpu)
 
     def _encode(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         """Embeddings [tokens, hidden] per square image, in one encoder call when the encoder batches."""

@@ -65,8 +65,9 @@ def test_encode_batch_size_from_memory() -> None:
     assert per == 4096 * 24 * 1152 * 4  # the estimate's own vision term, 0.45 GB at 4B
     assert memory.encode_batch_size(per, None) == 1
     assert memory.encode_batch_size(per, 2 * per) == 1
-    assert memory.encode_batch_size(per, 7 * per) == 3
-    assert memory.encode_batch_size(per, 100 * per) == 8
+    assert memory.encode_batch_size(per, 7 * per) == 2  # a CPU stops at 2
+    assert memory.encode_batch_size(per, 7 * per, on_cpu=False) == 3
+    assert memory.encode_batch_size(per, 100 * per, on_cpu=False) == 8
     assert memory.largest_fitting(lambda n: n * n, 50, 100) == 7
 
 
