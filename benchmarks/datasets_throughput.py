@@ -8,6 +8,8 @@ Four runs over the same items, each a fresh `batch` process (its model load incl
 3. Ray on this one node (`--engine ray`, a Ray instance the driver starts, one actor with --threads CPUs), warm
    cache: its overhead against run 2, as a share of run 2's wall time (issue 16's target: at most 5%);
 4. the cohort again with another decoder, warm cache: encode time per image ~0 (the cache is keyed by the encoder).
+`--local-again` adds a second local warm run after Ray's (Ray is then compared with the mean of the two);
+`--no-other-decoder` skips run 4.
 Items are distinct synthetic 896x896 chest-film-like images (random, so no two share pixels), one question each.
 
 Default bundle: the standard suite's full-size synthetic 4B (.cache/bench-suite/bundle4b, benchmarks/suite.py),
@@ -101,6 +103,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-ray", action="store_true", help="skip run 3 (no `cluster` extra)")
+    ap.add_argument("--no-other-decoder", action="store_true", help="skip run 4")
+    ap.add_argument("--local-again", action="store_true",
+                    help="a second local warm run after Ray's; Ray is then compared with the mean of the two")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -128,18 +133,27 @@ def main() -> None:
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
         runs.append(run_batch("ray-one-node-warm", out, [*base, "--decoder", args.decoder, "--engine", "ray",
                                                           "--workers", "1", "--cpus-per-worker", str(args.threads)]))
-    runs.append(run_batch("other-decoder-warm", out, [*base, "--decoder", args.other_decoder]))
+    if args.local_again:  # brackets the Ray run, so a drift of the machine shows as a gap between the two
+        runs.append(run_batch("local-warm-2", out, [*base, "--decoder", args.decoder]))
+    if not args.no_other_decoder:
+        runs.append(run_batch("other-decoder-warm", out, [*base, "--decoder", args.other_decoder]))
     by = {r["run"]: r for r in runs}
     report: dict[str, Any] = {"bundle": str(bundle), "encoder": args.encoder, "decoder": args.decoder,
-                              "other_decoder": args.other_decoder, "items": args.items, "new_tokens": args.new_tokens,
-                              "threads": args.threads, "hardware": fp, "runs": runs}
+                              "other_decoder": None if args.no_other_decoder else args.other_decoder,
+                              "items": args.items, "new_tokens": args.new_tokens, "threads": args.threads,
+                              "hardware": fp, "runs": runs}
     cold, warm = by["local-cold"], by["local-warm"]
     report["warm_answers_equal_cold"] = cold["answers"] == warm["answers"]
     if "ray-one-node-warm" in by:
         ray = by["ray-one-node-warm"]
-        report["ray_overhead_share_of_wall"] = (ray["process_s"] - warm["process_s"]) / warm["process_s"]
-        report["ray_overhead_per_item_s"] = (ray["item_s_mean"] or 0) - (warm["item_s_mean"] or 0)
+        local = [r for r in (warm, by.get("local-warm-2")) if r is not None]
+        local_s = statistics.fmean(r["process_s"] for r in local)
+        local_item_s = statistics.fmean(r["item_s_mean"] or 0 for r in local)
+        report["ray_overhead_share_of_wall"] = (ray["process_s"] - local_s) / local_s
+        report["ray_overhead_per_item_s"] = (ray["item_s_mean"] or 0) - local_item_s
         report["ray_answers_equal_local"] = ray["answers"] == warm["answers"]
+    if "local-warm-2" in by:
+        report["local_runs_apart"] = (by["local-warm-2"]["process_s"] - warm["process_s"]) / warm["process_s"]
     for r in runs:
         r.pop("answers")
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -170,6 +184,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Ray on one node vs local (warm): {100 * report['ray_overhead_share_of_wall']:+.1f}% of wall "
                      f"time (target <= 5%), {report['ray_overhead_per_item_s']:+.3f} s per item; same answers: "
                      f"{report['ray_answers_equal_local']}")
+    if "local_runs_apart" in report:
+        lines.append(f"- Ray compared with the mean of the two local warm runs, which are "
+                     f"{100 * report['local_runs_apart']:+.1f}% apart")
     return "\n".join(lines) + "\n"
 
 
