@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = [str(Path(sys.executable).with_name("medgemma-edge"))]
 # Not in the suite: ONNX fp16 vision (a GPU precision; ORT's CPU kernels are fp32/int8) and int8_static (it needs
 # calibration images; measured apart, slower than dynamic int8 on CPU: benchmarks/README.md).
-CONVERT = ["--gguf", "q4_k_m,q8_0,q4_0", "--mmproj", "f16,q8_0", "--onnx-vision", "fp32,int8", "--onnx-decoder", "int4"]
+CONVERT = ["--gguf", "q4_k_m,q8_0,q4_0", "--mmproj", "f16,q8_0", "--onnx-vision", "fp32,int8", "--onnx-decoder", "int4,int4_b128"]
 COMBOS = ("llama.cpp:f16+q4_k_m,gguf:f16+gguf:q4_k_m,onnx:int8+gguf:q4_k_m,onnx:fp32+gguf:q4_k_m,"
-          "gguf:q8_0+gguf:q4_k_m,onnx:int8+gguf:q8_0,onnx:int8+gguf:q4_0,onnx:int8+onnx:int4,transformers:fp32")
+          "gguf:q8_0+gguf:q4_k_m,onnx:int8+gguf:q8_0,onnx:int8+gguf:q4_0,onnx:int8+onnx:int4,onnx:int8+onnx:int4_b128,transformers:fp32")
 SCALING_COMBOS = "llama.cpp:f16+q4_k_m,onnx:int8+gguf:q4_k_m"
 NOTE = "SYNTHETIC random weights in MedGemma 4B's exact shapes: speed and memory are real, answers are not"
 

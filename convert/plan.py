@@ -19,7 +19,7 @@ GiB = float(1 << 30)
 _GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_k_m": 0.62}
 _MMPROJ_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32 + 0.3}  # the 4304-wide FFN stays F16 in Q8_0
 _VISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.1, "int8_static": 1.1}
-_DECODER_BYTES = {"fp32": 4.0, "int8": 1.1, "int4": 0.6}
+_DECODER_BYTES = {"fp32": 4.0, "int8": 1.1, "int4": 0.6, "int4_b128": 0.55}
 
 
 def text_params(t: Any) -> tuple[int, int]:

@@ -1,10 +1,10 @@
 """Gemma 3 decoder -> one ONNX graph with a static, in-place KV cache, streamed tensor by tensor.
 
 No tracing and no fp32 copy of the model: every initializer is read from the checkpoint, quantized
-(block 32, symmetric, packed here; convert/writers/onnx_blockquant.py) and appended to the external
-data file before the next one is read, so the 4B int4 export needs about the memory of its largest
-tensor, not of the model. The graph (convert/writers/onnx_decoder_graph.py) keeps image spans
-bidirectional: the standard ONNX `Attention` op takes the runtime's additive masks, where
+(blocks of 32, or 128 for int4_b128; symmetric, packed here; convert/writers/onnx_blockquant.py) and
+appended to the external data file before the next one is read, so the 4B int4 export needs about
+the memory of its largest tensor, not of the model. The graph (convert/writers/onnx_decoder_graph.py)
+keeps image spans bidirectional: the standard ONNX `Attention` op takes the runtime's additive masks, where
 onnxruntime-genai's GroupQueryAttention is causal only. The I/O contract is
 medgemma_edge/backends/onnx/decoder_io.py.
 """
@@ -27,8 +27,11 @@ from medgemma_edge.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
-# precision -> MatMulNBits weight bits (None: plain fp32 graph)
-ONNX_DECODER_PRECISIONS: dict[str, int | None] = {"fp32": None, "int8": 8, "int4": 4}
+# precision -> (MatMulNBits weight bits (None: plain fp32 graph), values per block along K). Blocks of 32 are
+# Q4_0's and the default; 128 stores a quarter of the scales and runs ONNX Runtime's faster CPU kernel for
+# prompts (docs/onnx-decoder.md, "Block size")
+ONNX_DECODER_PRECISIONS: dict[str, tuple[int | None, int]] = {
+    "fp32": (None, BLOCK_SIZE), "int8": (8, BLOCK_SIZE), "int4": (4, BLOCK_SIZE), "int4_b128": (4, 128)}
 # MatMulNBits accuracy_level: 0 keeps fp32 activations; 4 quantizes them to int8 per block (faster
 # prefill). See docs/onnx-decoder.md for the greedy agreement of both on the parity prompts.
 DEFAULT_ACCURACY_LEVEL = 4
@@ -43,16 +46,16 @@ def write_onnx_decoder(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precisio
         raise UserError(f"--onnx-decoder {precision!r} is not supported; choose from {', '.join(ONNX_DECODER_PRECISIONS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise UserError(f"ONNX decoder accuracy_level {accuracy_level!r} is not one of {ACCURACY_LEVELS}")
-    bits = ONNX_DECODER_PRECISIONS[precision]
+    bits, block_size = ONNX_DECODER_PRECISIONS[precision]
     t = spec.text
-    odd = sorted({k for _, k in _linears(t) if k % BLOCK_SIZE})
+    odd = sorted({k for _, k in _linears(t) if k % block_size})
     if bits and odd:
         raise UserError(f"--onnx-decoder {precision}: reduction widths {odd} are not multiples of the "
-                        f"{BLOCK_SIZE}-value quantization block; convert this checkpoint with --onnx-decoder fp32")
+                        f"{block_size}-value quantization block; convert this checkpoint with --onnx-decoder fp32")
     data_path = out.with_name(out.name + ".data")
     with ExternalData(data_path) as data:
         graph = Graph(data)
-        DecoderGraph(graph, Weights(ckpt), t, Quant(bits, accuracy_level)).build()
+        DecoderGraph(graph, Weights(ckpt), t, Quant(bits, accuracy_level, block_size)).build()
         model = graph.model("medgemma_decoder", f"{io.GRAPH_FORMAT}: Gemma 3 decoder, {precision}")
     atomic_write(out, model.SerializeToString())
     log.info("wrote ONNX decoder %s (%s): graph %.1f KiB, weights %.1f MiB", out.name, precision,
@@ -73,10 +76,10 @@ def write_onnx_decoder(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precisio
     else:
         recipe.update({
             "quantizer": "medgemma-edge onnx_blockquant (round to nearest, symmetric)", "bits": bits,
-            "block_size": BLOCK_SIZE, "symmetric": True, "weight_only": True, "accuracy_level": accuracy_level,
-            "layout": f"MatMulNBits B uint8 [N, K/{BLOCK_SIZE}, {BLOCK_SIZE * bits // 8}] "
+            "block_size": block_size, "symmetric": True, "weight_only": True, "accuracy_level": accuracy_level,
+            "layout": f"MatMulNBits B uint8 [N, K/{block_size}, {block_size * bits // 8}] "
                       + ("(two codes per byte, first in the low nibble) " if bits == 4 else "")
-                      + f"and fp32 scales [N, K/{BLOCK_SIZE}]; code = round(w / scale) + {1 << (bits - 1)}, "
+                      + f"and fp32 scales [N, K/{block_size}]; code = round(w / scale) + {1 << (bits - 1)}, "
                         f"scale = max-magnitude value / -{1 << (bits - 1)}, no zero-point tensor",
             "embedding": "one block-quantized table: GatherBlockQuantized lookup and the tied LM head's MatMulNBits",
         })
@@ -94,9 +97,9 @@ def _linears(t: TextSpec) -> list[tuple[int, int]]:
 
 def estimate_disk(spec: MedGemmaSpec, precision: str) -> int:
     """Bytes the ONNX decoder artifact takes (graph + external data), a little high."""
-    bits = ONNX_DECODER_PRECISIONS[precision]
+    bits, block = ONNX_DECODER_PRECISIONS[precision]
     t = spec.text
-    tensors = [quantized_bytes(n, k, bits) for n, k in _linears(t)]
+    tensors = [quantized_bytes(n, k, bits, block) for n, k in _linears(t)]
     per_tensor = 2 if bits else 1  # codes and scales each start on an aligned offset
     norms = t.num_layers * (4 * t.hidden_size + 2 * t.head_dim) * 4 + t.hidden_size * 4
     graph = t.num_layers * 64 * 1024 + (1 << 20)  # node protos, inline constants
@@ -110,12 +113,12 @@ def estimate_ram(spec: MedGemmaSpec, precision: str) -> int:
     rows in fp32 with the quantizer's temporaries, and the table's scales; a layer phase holds its
     largest fused projection in fp32 with the same temporaries. Measured at 4B: docs/onnx-decoder.md.
     """
-    bits = ONNX_DECODER_PRECISIONS[precision]
+    bits, block = ONNX_DECODER_PRECISIONS[precision]
     t = spec.text
     work = 3 if bits is None else 6  # fp32 copies alive at once per element: source, blocks, codes, abs...
     vocab, hidden = t.vocab_size, t.hidden_size
     embed = vocab * hidden * 2 + EMBED_CHUNK_ROWS * hidden * 4 * work
-    embed += vocab * (hidden // BLOCK_SIZE) * 4 if bits else 0
+    embed += vocab * (hidden // block) * 4 if bits else 0
     largest = max(n * k for n, k in _linears(t)[1:])
     layer = largest * 4 * work
     return _BASE_RAM + max(embed, layer)

@@ -33,6 +33,7 @@ EMBED_CHUNK_ROWS = 8192  # rows of the 262k-row embedding quantized at once (4B:
 class Quant:
     bits: int | None  # None: plain fp32 weights
     accuracy_level: int = 0  # MatMulNBits: 0 = fp32 activations, 4 = int8 activations per block
+    block: int = BLOCK_SIZE  # values per quantization block along K
 
 
 class Weights:
@@ -71,12 +72,12 @@ class DecoderGraph:
         if self.q.bits is None:
             weight = self.g.weight(label + ".weight", np.concatenate(mats) if len(mats) > 1 else mats[0])
             return self.g.op("Gemm", [x, weight], transB=1, label=label)
-        quantized = [quantize_blocks(m, self.q.bits) for m in mats]
+        quantized = [quantize_blocks(m, self.q.bits, self.q.block) for m in mats]
         del mats
         packed = self.g.weight(label + ".qweight", np.concatenate([b for b, _ in quantized]))
         scales = self.g.weight(label + ".scales", np.concatenate([s for _, s in quantized]))
         return self.g.op("MatMulNBits", [x, packed, scales], domain=MS_DOMAIN, K=k, N=n, bits=self.q.bits,
-                         block_size=BLOCK_SIZE, accuracy_level=self.q.accuracy_level, label=label)
+                         block_size=self.q.block, accuracy_level=self.q.accuracy_level, label=label)
 
     def norm(self, x: str, name: str) -> str:
         # ref: Gemma3RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32
@@ -113,11 +114,11 @@ class DecoderGraph:
 
         def packed() -> Iterator[np.ndarray]:
             for rows in self.w.rows(name, EMBED_CHUNK_ROWS):
-                codes, s = quantize_blocks(rows, self.q.bits or 0)
+                codes, s = quantize_blocks(rows, self.q.bits or 0, self.q.block)
                 scales.append(s)
                 yield codes
 
-        shape = packed_shape(t.vocab_size, t.hidden_size, self.q.bits)
+        shape = packed_shape(t.vocab_size, t.hidden_size, self.q.bits, self.q.block)
         codes = self.g.data.add_chunks(name + ".qweight", np.dtype(np.uint8), shape, packed())
         return codes, self.g.weight(name + ".scales", np.concatenate(scales))
 
@@ -129,7 +130,7 @@ class DecoderGraph:
             bits = self.q.bits or 0
             flat = self.g.data.alias(table + ".rows", table, (self.t.vocab_size, self.t.hidden_size * bits // 8))
             rows = self.g.op("GatherBlockQuantized", [flat, ids, scales], domain=MS_DOMAIN, bits=bits,
-                             block_size=BLOCK_SIZE, gather_axis=0, quantize_axis=1, label="embed")
+                             block_size=self.q.block, gather_axis=0, quantize_axis=1, label="embed")
         scale = np.float32(math.sqrt(self.t.hidden_size))
         return self.g.op("Mul", [rows, self.g.const(scale, np.float32)], label="embed_scale")
 
@@ -140,7 +141,7 @@ class DecoderGraph:
             logits = self.g.op("Gemm", [x, table], transB=1, outputs=head, label="lm_head")
         else:
             logits = self.g.op("MatMulNBits", [x, table, scales], domain=MS_DOMAIN, K=t.hidden_size,
-                               N=t.vocab_size, bits=self.q.bits, block_size=BLOCK_SIZE,
+                               N=t.vocab_size, bits=self.q.bits, block_size=self.q.block,
                                accuracy_level=self.q.accuracy_level, outputs=head, label="lm_head")
         if softcap:  # ref: Gemma3ForCausalLM: cap * tanh(logits / cap)
             cap = self.g.const(np.float32(softcap), np.float32)

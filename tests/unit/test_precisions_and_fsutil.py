@@ -30,7 +30,7 @@ def test_every_row_has_a_bound_and_help() -> None:
 def test_bounds_grow_as_bits_shrink() -> None:
     d = {k: v.max_kl for k, v in PRECISIONS["decoder"].items()}
     assert d["gguf:f32"] < d["gguf:f16"] < d["gguf:bf16"] < d["gguf:q8_0"] < d["gguf:q4_k_m"] < d["gguf:q4_0"]
-    assert d["onnx:fp32"] < d["onnx:int8"] < d["onnx:int4"]
+    assert d["onnx:fp32"] < d["onnx:int8"] < d["onnx:int4"] < d["onnx:int4_b128"]
 
 
 def test_writers_know_exactly_the_table_precisions() -> None:
