@@ -76,7 +76,10 @@ def test_min_p_filters_unlikely_tokens(pipe_270m) -> None:
     temperature, min_p = 1.5, 0.2
 
     def ratios(out: list[int]) -> np.ndarray:
-        rows = pipe_270m.cache_for(None).eval(ids.tolist() + out, all_logits=True)[len(ids) - 1:len(ids) - 1 + len(out)]
+        # the logits each token was drawn from, computed as generation does (the prompt in one batch, then one
+        # token per step): a batched re-evaluation takes other kernels, 0.2 logits off on an AVX-512 EPYC
+        cache = pipe_270m.cache_for(None)
+        rows = np.stack([cache.eval(ids.tolist())[-1]] + [cache.eval([t])[-1] for t in out[:-1]])
         x = rows.astype(np.float64) / temperature
         p = np.exp(x - x.max(axis=1, keepdims=True))
         return p[np.arange(len(out)), out] / p.max(axis=1)
@@ -85,7 +88,7 @@ def test_min_p_filters_unlikely_tokens(pipe_270m) -> None:
     for seed in range(3):
         filtered += list(ratios(_gen(pipe_270m, ADMITTED, 12, temperature=temperature, seed=seed, min_p=min_p).token_ids))
         free += list(ratios(_gen(pipe_270m, ADMITTED, 12, temperature=temperature, seed=seed).token_ids))
-    assert min(filtered) >= 0.9 * min_p, filtered  # 0.9: batched re-evaluation differs from decoding by ~1e-3
+    assert min(filtered) >= 0.99 * min_p, filtered
     assert sum(r < min_p for r in free) >= 5, free
     greedy = _gen(pipe_270m, ADMITTED, 8)
     assert _gen(pipe_270m, ADMITTED, 8, temperature=1.5, seed=3, min_p=1.0).token_ids == greedy.token_ids  # only the top
