@@ -25,7 +25,7 @@ def session(block: int, level: int, bits: int, threads: int):  # noqa: ANN201 - 
     rng = np.random.default_rng(0)
     blocks = K // block
     codes = rng.integers(0, 256, (N, blocks, block * bits // 8), dtype=np.uint8)
-    scales = (rng.random(N * blocks, dtype=np.float32) * 0.01).astype(np.float32)
+    scales = rng.random(N * blocks, dtype=np.float32) * np.float32(0.01)
     node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=K, N=N, bits=bits,
                             block_size=block, accuracy_level=level)
     graph = helper.make_graph([node], "screen", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
