@@ -124,7 +124,7 @@ def finish_graph(src: Path, dst: Path, spec: MedGemmaSpec, precision: str) -> No
     _save(model, dst)
 
 
-def _typed(src: Path) -> Path:
+def typed_copy(src: Path) -> Path:
     """ORT symbolic shape inference: types the outputs of fused ops, so converters see every tensor.
 
     ref: onnxruntime quantization docs, "pre-processing"; without it a static QDQ pass silently leaves
@@ -145,7 +145,7 @@ def to_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # keep_io_types: callers feed float32 pixels and get float32 features, on any provider
-    _save(convert_float_to_float16(onnx.load(str(_typed(src))), keep_io_types=True, disable_shape_infer=True), dst)
+    _save(convert_float_to_float16(onnx.load(str(typed_copy(src))), keep_io_types=True, disable_shape_infer=True), dst)
 
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
@@ -157,7 +157,7 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
     # pairs in int16 and saturates once 2*255*|w| > 32767; with |w| <= 64 it is exact on every CPU.
     # Seen on an AVX2-only EPYC: full-range weights added 0.12 mean KL on the tiny model (bound 0.05).
     ops = ["MatMul"]
-    quantize_dynamic(_typed(src), dst, op_types_to_quantize=ops, per_channel=True, reduce_range=True,
+    quantize_dynamic(typed_copy(src), dst, op_types_to_quantize=ops, per_channel=True, reduce_range=True,
                      weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
     return {"op_types": ops, "per_channel": True, "weight_type": "int8", "weight_range": list(WEIGHT_RANGE),
             "activation_type": "uint8 (per tensor, runtime)"}
@@ -177,7 +177,7 @@ def quantize_int8_static(src: Path, dst: Path, images: list[Path], spec: MedGemm
             path, self.path = self.path, None
             return None if path is None else {INPUT: calibration_pixels(path, spec)[None]}
 
-    typed, ranges = _typed(src), dst.with_name("ranges-" + dst.stem + ".json")
+    typed, ranges = typed_copy(src), dst.with_name("ranges-" + dst.stem + ".json")
     calibrator = create_calibrator(typed, ["MatMul"], augmented_model_path=str(dst.with_name("aug-" + dst.name)),
                                    calibrate_method=CalibrationMethod.MinMax)
     # ORT's calibration session runs in its DEFAULT order, which schedules the added ReduceMin/Max

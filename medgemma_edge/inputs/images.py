@@ -124,7 +124,9 @@ def load_image(image: ImageInput, frame: int | None = None) -> Image.Image:
 
 def _decode(img: Image.Image, name: object) -> Image.Image:
     _check_size(img, name)  # again for PIL images handed in, which never went through _open
-    frames = getattr(img, "n_frames", 1)
+    # n_frames parses every later TIFF directory: fuzzing found corrupt ones raising TypeError and warning there
+    with _pillow(name, "corrupt image directory"):
+        frames = getattr(img, "n_frames", 1)
     if frames > 1:  # an animated GIF/PNG or a multi-page TIFF: say which one the model sees
         log.warning("%s: %d frames; the model sees the first (save the frame you mean as its own image)", name, frames)
     with _pillow(name, "corrupt or truncated image"):
