@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test venv clean bench-suite backend chromium
+.PHONY: demo test venv clean bench-suite backend chromium qemu
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medgemma-edge demo
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium qemu
 	$(BIN)/python -m pytest
 
 # the page test drives Debian's chromium through Playwright (Playwright's own browser download is unreachable)
@@ -29,6 +29,11 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 chromium:
 	@test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
+
+# the int8 encoder test emulates an x86 CPU without VNNI with qemu's user-mode emulator (x86 hosts only)
+qemu:
+	@test "$$(uname -m)" != x86_64 || test -x /usr/bin/qemu-x86_64 || ($(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq qemu-user)
 
 # the standard benchmark suite on full-size synthetic MedGemma 4B (about an hour on 2 cores; see benchmarks/)
 bench-suite: $(STAMP)

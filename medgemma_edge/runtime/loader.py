@@ -78,11 +78,6 @@ def _encoder(bundle: Bundle, a: Artifact, n_embd: int, n_threads: int | None, pr
                                mean=v.get("image_mean", (0.5,) * 3), std=v.get("image_std", (0.5,) * 3),
                                precision_hint=str(a.recipe.get("inference_precision", "bf16")))
     if a.format == "onnx":
-        quant = a.recipe.get("quantization") or {}
-        if a.recipe.get("method") in ("dynamic", "static") and "weight_range" not in quant:
-            log.warning("%s: encoder %s holds full-range int8 weights, which saturate on CPUs without VNNI (its "
-                        "answers drift there); re-convert with `medgemma-edge convert --onnx-vision %s`",
-                        bundle.dir, a.id, a.precision)
         return OnnxEncoder(bundle.path(a), n_embd, int(bundle.config["tokens_per_image"]), providers=providers,
                            n_threads=n_threads, mean=v.get("image_mean", (0.5,) * 3), std=v.get("image_std", (0.5,) * 3))
     return MtmdEncoder(bundle.path(a), bundle.path(bundle.vocab_artifact()), n_embd, v,
