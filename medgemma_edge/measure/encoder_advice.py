@@ -31,11 +31,11 @@ def fastest_encoder(fp: dict[str, Any]) -> tuple[str, str]:
         if "avx512_bf16" in flags:
             why += " (AVX512_BF16 alone gave OpenVINO's bf16 no speed-up)"
         return "onnx:int8", why
-    why = f"int8 GEMMs; OpenVINO's encoders are unmeasured on this CPU: compare with {MEASURE}"
+    unmeasured = f"OpenVINO's encoders are unmeasured on this CPU: compare with {MEASURE}"
     if u8s8_saturates(str((fp.get("cpu") or {}).get("arch") or ""), None, flags):
         # the u8 x s8 kernel would saturate here; u8 x u8 took 1.28x its time on the VNNI suite machine (4B)
-        why = "int8 GEMMs on ONNX Runtime's exact u8 x u8 kernels (no VNNI on this CPU); " + why.split("; ", 1)[1]
-    return "onnx:int8", why
+        return "onnx:int8", f"int8 GEMMs on ONNX Runtime's exact u8 x u8 kernels (no VNNI on this CPU); {unmeasured}"
+    return "onnx:int8", f"int8 GEMMs; {unmeasured}"
 
 
 def encoder_tips(fp: dict[str, Any]) -> list[str]:
