@@ -27,12 +27,12 @@ import numpy as np
 
 from convert.fidelity.metrics import compare
 from convert.writers.onnx_vision import INPUT
-from medgemma_edge.backends.onnx.session import make_session
+from medgemma_edge.backends.onnx.session import make_session, u8s8_saturates
 from medgemma_edge.bundle import open_bundle
-from medgemma_edge.measure.hardware import fingerprint
-from medgemma_edge.versions import package_version
 from medgemma_edge.inputs.images import normalise, resize_square
 from medgemma_edge.inputs.samples import sample_image
+from medgemma_edge.measure.hardware import fingerprint
+from medgemma_edge.versions import package_version
 
 EMULATED = "Haswell"
 MODES = {"runtime's choice": None, "u8 x s8 forced": False}
@@ -81,7 +81,8 @@ def main() -> int:
     cpu, ort = fingerprint()["cpu"], package_version("onnxruntime")
     (args.out / "int8-without-vnni.json").write_text(json.dumps({"bundle": str(args.bundle), "cpu": cpu,
                                                                  "onnxruntime": ort, "runs": runs}, indent=1))
-    md = [f"this CPU: {cpu.get('model')} ({'VNNI' if 'avx512_vnni' in (cpu.get('flags') or []) else 'no VNNI'}); "
+    vnni = not u8s8_saturates(str(cpu.get("arch") or ""), None, set(cpu.get("flags") or []))
+    md = [f"this CPU: {cpu.get('model')} ({'VNNI' if vnni else 'no VNNI'}); "
           f"emulated: `qemu-x86_64 -cpu {EMULATED}`; onnxruntime {ort}\n",
           "| encoder vs onnx:fp32 (worst-token cosine / max abs diff) | " + " | ".join(runs) + " |",
           "|---|" + "---|" * len(runs), *rows]
