@@ -27,7 +27,8 @@ import numpy as np
 
 from convert.fidelity.metrics import compare
 from convert.writers.onnx_vision import INPUT
-from medgemma_edge.backends.onnx.session import make_session, u8s8_saturates
+from medgemma_edge.backends.cpu import u8s8_saturates
+from medgemma_edge.backends.onnx.session import make_session
 from medgemma_edge.bundle import open_bundle
 from medgemma_edge.inputs.images import normalise, resize_square
 from medgemma_edge.inputs.samples import sample_image

@@ -50,14 +50,17 @@ CANDIDATES: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("onnx:int8, batch 2 (per image)", "onnx:int8", {"batch": 2},
      "same per image within 3%: M is already 4096 rows; peak RSS up by one image's activations"),
     ("ov:bf16", "ov:bf16", {},
-     "without AMX: ~0.75x mtmd F16, slower than OpenVINO's own f32 (Intel screen); with AMX or a CPU whose bf16 "
-     "dot product runs at twice the fp32 rate: below onnx:int8 (unmeasured)"),
+     "Intel without AMX: ~0.75x mtmd F16, slower than OpenVINO's own f32 (Intel screen); AMD EPYC (Zen 4): "
+     "0.31-0.38x (4-layer screen 0.35x); AMX: below onnx:int8 (unmeasured)"),
     ("ov:bf16 compiled f32", "ov:bf16", {"hint": "f32"},
      "~0.55x mtmd F16, like onnx:fp32 (Intel screen 0.54x)"),
-    ("ov:int8 as shipped (f32 rest)", "ov:int8", {},
-     "~0.38x mtmd F16, ~1.2x onnx:int8's time: OpenVINO's f32 attention kernel is ~15% slower than ORT's"),
+    ("ov:int8 as shipped (bf16 rest where bf16 pays)", "ov:int8", {},
+     "Intel without AMX (f32 rest): ~0.38x mtmd F16, ~1.2x onnx:int8's time; AMD EPYC (Zen 4, bf16 rest): "
+     "0.27-0.31x, as the 4-layer screen's 0.30x"),
+    ("ov:int8, rest f32", "ov:int8", {"hint": "f32"},
+     "AMD EPYC: ~0.42x as the 4-layer screen; Intel without AMX: the same as shipped"),
     ("ov:int8, rest bf16", "ov:int8", {"hint": "bf16"},
-     "without AMX: ~3% slower than ov:int8 (bf16 attention no faster here); with AMX: faster (unmeasured)"),
+     "Intel without AMX: ~3% slower than ov:int8 (bf16 attention no faster here); AMD EPYC: as shipped"),
     ("ov:int8, dynamic-quantization groups of 128", "ov:int8", {"ov_config": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 128}},
      "~3% faster than ov:int8 (fewer activation scales), cosine within 1e-5 of it"),
     ("ov:int8, CPU pinning off", "ov:int8", {"ov_config": {"ENABLE_CPU_PINNING": False}},
@@ -100,16 +103,18 @@ def calibration_films(folder: Path, count: int = 8) -> list[Path]:
             for i in range(count)]
 
 
-def build_variants(work: Path, bundle: Path) -> None:
-    """The variant graphs, each in its own process (this one stays small while it spawns the candidates)."""
+def build_variants(work: Path, bundle: Path, chosen: list[tuple[str, str, dict[str, Any], str]]) -> None:
+    """The variant graphs the chosen candidates need, each in its own process (this one stays small while it
+    spawns the candidates)."""
     from medgemma_edge.bundle import open_bundle
 
     b = open_bundle(bundle)
     (work / "variants").mkdir(exist_ok=True)
     qkv, static = work / "variants" / "vision-int8-qkv.onnx", work / "variants" / "vision-ov-int8-static.xml"
-    if not qkv.is_file():
+    needed = {work / c[2]["graph"] for c in chosen if "graph" in c[2]}
+    if qkv in needed and not qkv.is_file():
         sh(sys.executable, HERE / "vision_variants.py", "--fuse-qkv", b.path(b.find("encoder", "onnx:fp32")), qkv)
-    if not static.is_file():
+    if static in needed and not static.is_file():
         films = calibration_films(work / "calib")
         sh(sys.executable, HERE / "vision_variants.py", "--static-int8", b.path(b.find("encoder", "ov:bf16")),
            films[0].parent, static)
@@ -127,9 +132,16 @@ def child(spec: dict[str, Any], timeout_s: float = 1800) -> dict[str, Any]:
     return {"error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"}
 
 
+def choose(only: list[str] | None) -> list[tuple[str, str, dict[str, Any], str]]:
+    """The candidates --only names (all without it), mtmd F16 always; an unknown label stops the run."""
+    unknown = sorted(set(only or ()) - {c[0] for c in CANDIDATES})
+    if unknown:
+        sys.exit(f"--only: no candidate labelled {unknown[0]!r}; the labels are: " + "; ".join(c[0] for c in CANDIDATES))
+    return [c for c in CANDIDATES if only is None or c[0] in only or c[0] == BASELINE]
+
+
 def run_candidates(work: Path, bundle: Path, image: Path, reference: Path, rounds: int, reps: int,
-                   threads: int, only: list[str] | None) -> list[dict[str, Any]]:
-    chosen = [c for c in CANDIDATES if only is None or c[0] in only or c[0] == BASELINE]
+                   threads: int, chosen: list[tuple[str, str, dict[str, Any], str]]) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     for r in range(rounds):
         k = r % len(chosen)
@@ -167,8 +179,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def composed_ttft(bundle: Path, out: Path, reps: int, threads: int, only: list[str] | None) -> dict[str, Any]:
-    combos = [c for c in COMPOSED if only is None or c.split("+")[0] in only or c.startswith("llama.cpp")]
+def composed_ttft(bundle: Path, out: Path, reps: int, threads: int,
+                  chosen: list[tuple[str, str, dict[str, Any], str]]) -> dict[str, Any]:
+    """llama.cpp's own path and each composed pairing of a chosen candidate's encoder that the bundle holds."""
+    from medgemma_edge.bundle import open_bundle
+
+    held = {a.id for a in open_bundle(bundle).artifacts if a.kind == "encoder"}
+    encoders = {c[1] for c in chosen}
+    combos = [c for c in COMPOSED if c.startswith("llama.cpp") or (c.split("+")[0] in encoders & held)]
     sh(*CLI, "bench", "--bundle", bundle, "--combos", ",".join(combos), "--reps", str(reps), "--warmup", "1",
        "--threads", str(threads), "--note", "SYNTHETIC random weights in MedGemma 4B's exact shapes",
        "--out", out)
@@ -213,13 +231,15 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=REPO / ".cache" / "vision-candidates")
+    ap.add_argument("--work", type=lambda p: Path(p).resolve(), default=REPO / ".cache" / "vision-candidates",
+                    help="where the checkpoint, bundle and variants live (children run in the repository root)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=1, help="timed encodes per run, after its warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ttft-reps", type=int, default=3)
     ap.add_argument("--skip-ttft", action="store_true")
-    ap.add_argument("--only", default=None, help="comma-separated candidate labels (mtmd F16 always runs)")
+    ap.add_argument("--only", action="append", default=None,
+                    help="a candidate label, repeatable (labels hold commas); mtmd F16 always runs")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="an existing checkpoint instead of a synthetic 4B (e.g. a tiny one, to try the script)")
@@ -230,14 +250,14 @@ def main() -> None:
     fp = fingerprint()
     out = args.out or REPO / "benchmarks" / "results" / f"{slug(fp)}-4b" / "vision-candidates"
     out.mkdir(parents=True, exist_ok=True)
+    chosen = choose(args.only)
     t0 = time.time()
     ckpt, bundle, image = prepare(args.work, args.checkpoint)
-    build_variants(args.work, bundle)
+    build_variants(args.work, bundle, chosen)
     reference = args.work / "torch-reference.npy"
     if not reference.is_file():  # in its own process: this one stays small while it spawns the candidates
         sh(sys.executable, HERE / "vision_variants.py", "--reference", ckpt, image, reference)
-    only = args.only.split(",") if args.only else None
-    runs = run_candidates(args.work, bundle, image, reference, args.rounds, args.reps, args.threads, only)
+    runs = run_candidates(args.work, bundle, image, reference, args.rounds, args.reps, args.threads, chosen)
     doc: dict[str, Any] = {
         "issue": 14, "hardware": fp, "hardware_slug": slug(fp), "bundle": str(bundle), "threads": args.threads,
         "rounds": args.rounds, "reps": args.reps, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
@@ -246,7 +266,7 @@ def main() -> None:
         "candidates": summarize(runs), "runs": runs,
     }
     if not args.skip_ttft:
-        doc["composed"] = composed_ttft(bundle, out / "bench", args.ttft_reps, args.threads, only)
+        doc["composed"] = composed_ttft(bundle, out / "bench", args.ttft_reps, args.threads, chosen)
     doc["wall_s"] = time.time() - t0
     (out / "vision-candidates.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "vision-candidates.md").write_text(markdown(doc))

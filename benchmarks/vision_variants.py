@@ -7,8 +7,8 @@ A candidate is an encoder artifact of the bundle plus knobs the runtime could se
 - ONNX Runtime: `graph` (a variant graph built here instead of the bundle's), `iobinding` (ORT writes the
   output into a preallocated array), `affinity` (pin the intra-op threads, one per core), `batch` (images per
   call; the figure is per image);
-- OpenVINO: `hint` (inference precision instead of the recipe's), `graph` (a variant IR built here), `ov_config`
-  (CPU plugin properties on top of the runtime's), `batch`;
+- OpenVINO: `hint` (inference precision instead of the one the runtime picks for this CPU), `graph` (a variant IR
+  built here), `ov_config` (CPU plugin properties on top of the runtime's), `batch`;
 - mtmd: `threads`.
 Timings are wall and process-CPU seconds per image; cosine is the worst token against torch fp32 on the same
 pixels (the reference the parent computed once).
@@ -35,7 +35,7 @@ def fuse_qkv(fp32_graph: Path, out: Path) -> Path:
     import onnx
     from onnx import helper, numpy_helper
 
-    from convert.writers.onnx_vision import quantize_int8_dynamic
+    from convert.writers.onnx_vision import _save, quantize_int8_dynamic
 
     model = onnx.load(str(fp32_graph))
     g = model.graph
@@ -70,7 +70,7 @@ def fuse_qkv(fp32_graph: Path, out: Path) -> Path:
         if id(node) not in drop:
             g.node.append(node)
     staged = out.with_name("fp32-" + out.name)
-    onnx.save_model(model, str(staged), save_as_external_data=True, location=staged.name + ".data")
+    _save(model, staged)  # one file, as the converter saves it: ORT's quantizer lost external data from its temp dir
     quantize_int8_dynamic(staged, out)
     print(f"fused QKV in {fused} layers -> {out}", file=sys.stderr)
     return out
@@ -168,7 +168,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
         ov_enc = OpenVinoEncoder(path, hidden, tokens, n_threads=threads,
                                  precision_hint=knobs.get("hint", a.recipe.get("inference_precision", "bf16")),
-                                 extra_config=knobs.get("ov_config"))
+                                 extra_config=knobs.get("ov_config"), fit_to_cpu="hint" not in knobs)
         encode, providers = ov_enc.encode_batch, ov_enc.providers
     else:
         encode = _ort_encode(path, knobs, threads, tokens, hidden)

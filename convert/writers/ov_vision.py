@@ -28,11 +28,12 @@ from medgemma_edge.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# precision -> (how it is made, the inference precision the runtime compiles it with). int8: NNCF's
-# weight-only int8 (per output channel); the CPU plugin quantizes activations on the fly (32-wide groups), the
-# other ops run f32. NNCF's calibrated static int8 missed the 0.999 floor (0.73-0.98 on the tiny tower) and
-# bf16 for the rest ran slower than f32 on an AVX512_BF16 CPU without AMX (benchmarks/README.md, issue 14).
-METHODS: dict[str, tuple[str | None, str]] = {"bf16": (None, "bf16"), "int8": ("nncf_weights", "f32")}
+# precision -> (how it is made, the inference precision recorded for the rest). int8: NNCF's weight-only int8
+# (per output channel); the CPU plugin quantizes activations on the fly (128-wide groups). The rest runs bf16 where
+# that pays (AMX; AMD's AVX512_BF16: 0.30x mtmd F16 against 0.42x for f32 on the 4-layer screen) and f32 elsewhere
+# (an Intel AVX512_BF16 CPU without AMX ran bf16 slower): the runtime decides per CPU (hint_for_this_cpu). NNCF's
+# calibrated static int8 missed the 0.999 floor (0.73-0.98 on the tiny tower). See benchmarks/README.md, issue 14.
+METHODS: dict[str, tuple[str | None, str]] = {"bf16": (None, "bf16"), "int8": ("nncf_weights", "bf16")}
 OV_VISION_PRECISIONS: tuple[str, ...] = tuple(METHODS)
 
 
@@ -68,14 +69,14 @@ def quantize_int8(model: Any) -> tuple[Any, dict[str, Any]]:
     """NNCF weight compression: every MatMul's (and the patch convolution's) weights to int8, no calibration.
 
     ref: NNCF docs, "Weight Compression" (INT8_ASYM: per output channel, asymmetric). The CPU plugin's dynamic
-    quantization (DYNAMIC_QUANTIZATION_GROUP_SIZE, 32 by default) then runs those MatMuls as int8 GEMMs.
+    quantization (DYNAMIC_QUANTIZATION_GROUP_SIZE: 128 here, 32 by default) then runs those MatMuls as int8 GEMMs.
     """
     import nncf
 
     compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     return compressed, {"tool": "nncf", "nncf": _version("nncf"), "method": "compress_weights", "mode": "int8_asym",
                         "weights": "int8 per output channel, asymmetric",
-                        "activations": "int8 at run time (CPU plugin dynamic quantization, 32-wide groups)"}
+                        "activations": "int8 at run time (CPU plugin dynamic quantization, groups of 128)"}
 
 
 def _version(package: str) -> str | None:
@@ -85,10 +86,12 @@ def _version(package: str) -> str | None:
 
 
 def run_ir(xml: Path, pixels: np.ndarray, spec: MedGemmaSpec, precision_hint: str) -> tuple[np.ndarray, str]:
-    """(outputs, the precision that ran): the IR through the runtime's own encoder, as `load` compiles it."""
+    """(outputs, the precision that ran): the IR through the runtime's own encoder with the recorded hint, not
+    this CPU's choice (`load` may compile f32 instead: the stricter bf16 is what is validated)."""
     from medgemma_edge.backends.openvino.vision import OpenVinoEncoder
 
-    encoder = OpenVinoEncoder(xml, spec.text.hidden_size, spec.tokens_per_image, precision_hint=precision_hint)
+    encoder = OpenVinoEncoder(xml, spec.text.hidden_size, spec.tokens_per_image, precision_hint=precision_hint,
+                              fit_to_cpu=False)
     try:
         return encoder.encode_pixels(pixels), encoder.precision
     finally:

@@ -1,35 +1,45 @@
 """Which image encoder to run on this CPU, from what issue 14 measured (benchmarks/README.md, "Vision encoder").
 
-Derived from the hardware fingerprint alone (testable with a fingerprint dict). Measured: onnx:int8 is the
-fastest on 2-core AVX-512 CPUs without AMX (the AMD EPYC suite machine; an Intel Xeon with AVX512_BF16 and
-AVX512_FP16, where OpenVINO's bf16 ran slower than its own f32 and ov:int8 took ~1.2x onnx:int8's time).
-AMX (bf16 matrix tiles) is what OpenVINO's CPU plugin uses and ONNX Runtime's CPU kernels do not: there the
-OpenVINO encoders are the candidates to measure.
+Derived from the hardware fingerprint alone (testable with a fingerprint dict). Measured on 2-core AVX-512 CPUs
+without AMX (4-layer tower at 4B width, ratio to mtmd F16):
+- an AMD EPYC (Zen 4, AVX512_BF16): ov:int8 with the rest in bf16 0.30x, ov:bf16 0.35x, onnx:int8 0.43x;
+- an Intel Xeon (AVX512_BF16 and AVX512_FP16): OpenVINO's bf16 ran slower than its own f32, ov:int8 (f32 rest)
+  took ~1.2x onnx:int8's time, so onnx:int8 wins there.
+AMX (bf16 matrix tiles) is used by OpenVINO's CPU plugin and not by ONNX Runtime's CPU kernels: ov:int8 there too,
+unmeasured.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from medgemma_edge.backends.onnx.session import u8s8_saturates
+from medgemma_edge.backends.cpu import bf16_pays, u8s8_saturates
 
 MEASURE = "benchmarks/vision_candidates.py"
+SCREEN = "0.7x onnx:int8's time on the 4-layer screen of an AMD EPYC"
 
 
 def _flags(fp: dict[str, Any]) -> set[str]:
     return set((fp.get("cpu") or {}).get("flags") or [])
 
 
+def _bf16_pays(fp: dict[str, Any]) -> bool:
+    return bf16_pays(str((fp.get("cpu") or {}).get("vendor") or ""), _flags(fp))
+
+
 def fastest_encoder(fp: dict[str, Any]) -> tuple[str, str]:
     """(encoder artifact id, why) for encoding images on this machine's CPU."""
     flags = _flags(fp)
     if "amx_bf16" in flags:
-        return "ov:bf16", (f"this CPU has AMX, which OpenVINO runs bf16 on and ONNX Runtime's CPU kernels do not; "
+        return "ov:int8", (f"this CPU has AMX, which OpenVINO runs bf16 on and ONNX Runtime's CPU kernels do not; "
                            f"not measured on AMX yet: compare with {MEASURE}")
+    if _bf16_pays(fp):
+        return "ov:int8", (f"int8 GEMMs with the rest in bf16 on AMD's AVX512_BF16 ({SCREEN}); "
+                           f"compare with {MEASURE}")
     if "avx512_vnni" in flags or "avx_vnni" in flags or "avxvnni" in flags:
-        why = "int8 GEMMs on VNNI, ORT's flash attention; measured fastest on AVX-512 CPUs without AMX"
+        why = "int8 GEMMs on VNNI, ORT's flash attention; measured fastest on Intel AVX-512 CPUs without AMX"
         if "avx512_bf16" in flags:
-            why += " (AVX512_BF16 alone gave OpenVINO's bf16 no speed-up)"
+            why += " (where AVX512_BF16 alone gave OpenVINO's bf16 no speed-up)"
         return "onnx:int8", why
     unmeasured = f"OpenVINO's encoders are unmeasured on this CPU: compare with {MEASURE}"
     if u8s8_saturates(str((fp.get("cpu") or {}).get("arch") or ""), None, flags):
@@ -40,8 +50,9 @@ def fastest_encoder(fp: dict[str, Any]) -> tuple[str, str]:
 
 def encoder_tips(fp: dict[str, Any]) -> list[str]:
     """Advice lines: what to install or convert for the faster encoder, when the setup lacks it."""
-    if "amx_bf16" in _flags(fp) and not (fp.get("versions") or {}).get("openvino"):
-        return ["this CPU has AMX: OpenVINO's encoders (ov:bf16, ov:int8) can use it, ONNX Runtime's CPU kernels "
-                "cannot: pip install 'medgemma-edge[openvino]', convert with --ov-vision bf16,int8, run with "
-                f"--encoder ov:bf16, and compare with {MEASURE}"]
+    if fastest_encoder(fp)[0].startswith("ov:") and not (fp.get("versions") or {}).get("openvino"):
+        why = "this CPU has AMX" if "amx_bf16" in _flags(fp) else "this CPU runs bf16 faster than f32"
+        return [f"{why}: OpenVINO's encoders (ov:int8, ov:bf16) use it, ONNX Runtime's CPU kernels do not: "
+                "pip install 'medgemma-edge[openvino]', convert with --ov-vision bf16,int8, run with "
+                f"--encoder ov:int8, and compare with {MEASURE}"]
     return []

@@ -63,6 +63,7 @@ def _sysctl(name: str) -> str | None:
 
 def _cpu() -> dict[str, Any]:
     model: str | None = None
+    vendor: str | None = None
     physical: int | None = None
     flags: set[str] = set()
     info = _read("/proc/cpuinfo") if sys.platform.startswith("linux") else None
@@ -74,6 +75,8 @@ def _cpu() -> dict[str, Any]:
             key, value = key.strip().lower(), value.strip()
             if key == "model name" and not model:
                 model = value
+            elif key == "vendor_id" and not vendor:
+                vendor = value
             elif key in ("flags", "features") and not flags:
                 flags = set(value.split())
             elif key == "physical id":
@@ -86,6 +89,7 @@ def _cpu() -> dict[str, Any]:
             model = (_read("/proc/device-tree/model") or "").strip("\x00\n ") or None
     elif sys.platform == "darwin":
         model = _sysctl("machdep.cpu.brand_string")
+        vendor = _sysctl("machdep.cpu.vendor")  # GenuineIntel on Intel Macs; absent on Apple silicon
         physical = int(_sysctl("hw.physicalcpu") or 0) or None
         for name in ("machdep.cpu.features", "machdep.cpu.leaf7_features"):
             flags |= {f.lower().replace(".", "_") for f in (_sysctl(name) or "").split()}
@@ -98,6 +102,7 @@ def _cpu() -> dict[str, Any]:
             flags.add("neon")  # every Apple silicon core has it; sysctl does not list it
     return {
         "model": model or platform.processor() or platform.machine() or None,
+        "vendor": vendor,  # AuthenticAMD / GenuineIntel: which bf16 kernels pay differs (backends.cpu.bf16_pays)
         "arch": platform.machine() or None,
         "logical_cores": os.cpu_count(),
         "physical_cores": physical,

@@ -33,7 +33,8 @@ def test_writer_knows_exactly_the_table_precisions() -> None:
 
 def test_compile_config() -> None:
     assert compile_config("bf16", 2) == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                                         "INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 2}
+                                         "INFERENCE_PRECISION_HINT": "bf16", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 128,
+                                         "INFERENCE_NUM_THREADS": 2}
     assert "INFERENCE_NUM_THREADS" not in compile_config("f32", None)  # OpenVINO's default: every core
     with pytest.raises(UserError, match="'fp8' is not one of f32, bf16"):
         compile_config("fp8", 2)

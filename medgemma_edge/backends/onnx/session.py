@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib
 import logging
 import platform
 from pathlib import Path
 from typing import Any
 
+from medgemma_edge.backends.cpu import numpy_avx512_vnni, this_cpu, u8s8_saturates
 from medgemma_edge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,34 +41,9 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def u8s8_saturates(machine: str, numpy_vnni: bool | None, cpu_flags: set[str]) -> bool:
-    """Whether ONNX Runtime's u8 x s8 GEMM saturates on this CPU: x86 without VNNI, where MLAS's kernel
-    (vpmaddubsw) adds pairs of products in int16, so full 8-bit weights overflow once 2 * 255 * |w| > 32767.
-
-    numpy_vnni: AVX512_VNNI from numpy's own CPUID probe (right under qemu's -cpu, unlike /proc/cpuinfo);
-    AVX-VNNI (Alder Lake and later, without AVX-512) only /proc/cpuinfo tells.
-    """
-    if machine.lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False  # arm64's sdot/udot kernels sum in int32
-    vnni = ("avx512_vnni" in cpu_flags or "avx512vnni" in cpu_flags) if numpy_vnni is None else numpy_vnni
-    return not (vnni or "avx_vnni" in cpu_flags or "avxvnni" in cpu_flags)
-
-
 @functools.cache
 def _this_cpu_saturates() -> bool:
-    features: dict[str, bool] = {}
-    for name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # numpy 2, numpy 1
-        try:
-            features = importlib.import_module(name).__cpu_features__
-            break
-        except (ImportError, AttributeError):
-            continue
-    try:
-        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
-    saturates = u8s8_saturates(platform.machine(), features.get("AVX512VNNI"), flags)
+    saturates = u8s8_saturates(platform.machine(), numpy_avx512_vnni(), this_cpu()[1])
     if saturates:
         log.info("no VNNI on this CPU: int8 MatMuls run ONNX Runtime's exact u8 x u8 kernels")
     return saturates

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medgemma_edge.backends.cpu import bf16_pays, this_cpu
 from medgemma_edge.errors import UserError
 from medgemma_edge.inputs.images import normalise
 
@@ -24,6 +25,15 @@ INSTALL_HINT = "pip install 'medgemma-edge[openvino]'"
 # Inference precisions a recipe may record. OpenVINO's CPU plugin runs "bf16" on AVX512_BF16/AMX CPUs
 # and f32 elsewhere; the compiled model reports which it chose.
 HINTS = ("f32", "bf16")
+
+
+def hint_for_this_cpu(recorded: str) -> str:
+    """The recorded hint, except bf16 becomes f32 where bf16 runs slower than f32 (backends.cpu.bf16_pays):
+    Intel's AVX512_BF16 without AMX, where the plugin would take bf16 and lose time (issue 14's screens)."""
+    if recorded != "bf16":
+        return recorded
+    vendor, flags = this_cpu()
+    return "bf16" if bf16_pays(vendor, flags) else "f32"
 
 
 def import_openvino(what: object) -> Any:
@@ -47,12 +57,14 @@ def weights_path(xml: Path) -> Path:
 
 
 def compile_config(precision_hint: str, n_threads: int | None) -> dict[str, Any]:
-    """CPU plugin properties: one stream in latency mode, the recorded inference precision."""
+    """CPU plugin properties: one stream in latency mode, the recorded inference precision, and ov:int8's
+    activations quantized in groups of 128 (the plugin's default, 32, took 1.08-1.16x the time at 4B on an AMD
+    EPYC, same cosine to 2e-5; benchmarks/README.md, issue 14). Without int8 weights the group size is unused."""
     if precision_hint not in HINTS:
         raise UserError(f"OpenVINO inference precision {precision_hint!r} is not one of {', '.join(HINTS)}; "
                         f"re-run `medgemma-edge convert`")
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                              "INFERENCE_PRECISION_HINT": precision_hint}
+                              "INFERENCE_PRECISION_HINT": precision_hint, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 128}
     if n_threads:
         config["INFERENCE_NUM_THREADS"] = int(n_threads)
     return config
@@ -63,13 +75,19 @@ class OpenVinoEncoder:
 
     def __init__(self, path: Path, n_embd: int, tokens_per_image: int, n_threads: int | None = None,
                  mean: Sequence[float] = (0.5,) * 3, std: Sequence[float] = (0.5,) * 3,
-                 precision_hint: str = "bf16", extra_config: dict[str, Any] | None = None) -> None:
-        """`extra_config`: CPU plugin properties on top of compile_config's (benchmarks try knobs with it)."""
+                 precision_hint: str = "bf16", extra_config: dict[str, Any] | None = None,
+                 fit_to_cpu: bool = True) -> None:
+        """`fit_to_cpu`: compile with hint_for_this_cpu(precision_hint), not the hint as recorded (the converter
+        validates the recorded one); `extra_config`: CPU plugin properties on top of compile_config's."""
         self.path = Path(path)
         ov = import_openvino(self.path)
         self.mean, self.std = tuple(mean), tuple(std)
         self.n_embd, self.tokens_per_image, self.threads = n_embd, tokens_per_image, n_threads
-        config = {**compile_config(precision_hint, n_threads), **(extra_config or {})}
+        wanted = hint_for_this_cpu(precision_hint) if fit_to_cpu else precision_hint
+        if wanted != precision_hint:
+            log.info("OpenVINO encoder: %s recorded, compiling %s: bf16 runs slower than f32 on this CPU "
+                     "(no AMX, not AMD's AVX512_BF16)", precision_hint, wanted)
+        config = {**compile_config(wanted, n_threads), **(extra_config or {})}
         for p in (self.path, weights_path(self.path)):
             if not p.is_file():
                 raise UserError(f"{p}: OpenVINO IR file not found; re-run `medgemma-edge convert`")
@@ -91,9 +109,8 @@ class OpenVinoEncoder:
         ran = self._compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino Type
         self.precision = str(ran.get_type_name() if hasattr(ran, "get_type_name") else ran)
         self.providers: list[str] = [f"OpenVINO:CPU:{self.precision}"]  # what runs, after any bf16 fallback
-        if self.precision != precision_hint:
-            log.info("OpenVINO encoder: %s inference unavailable on this CPU, running %s", precision_hint,
-                     self.precision)
+        if self.precision != wanted:
+            log.info("OpenVINO encoder: %s inference unavailable on this CPU, running %s", wanted, self.precision)
 
     def _check_io(self, model: Any) -> None:
         shape = model.inputs[0].get_partial_shape() if len(model.inputs) == 1 else None
