@@ -58,8 +58,8 @@ def weights_path(xml: Path) -> Path:
 
 def compile_config(precision_hint: str, n_threads: int | None) -> dict[str, Any]:
     """CPU plugin properties: one stream in latency mode, the recorded inference precision, and ov:int8's
-    activations quantized in groups of 128 (the plugin's default, 32, took 1.08-1.16x the time at 4B on an AMD
-    EPYC, same cosine to 2e-5; benchmarks/README.md, issue 14). Without int8 weights the group size is unused."""
+    activations quantized in groups of 128 (the plugin's default, 32, took 1.06-1.08x the time at 4B on an AMD
+    EPYC, cosine within 2e-5; benchmarks/README.md, issue 14). Without int8 weights the group size is unused."""
     if precision_hint not in HINTS:
         raise UserError(f"OpenVINO inference precision {precision_hint!r} is not one of {', '.join(HINTS)}; "
                         f"re-run `medgemma-edge convert`")
