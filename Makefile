@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# llama-cpp-python compiles llama.cpp for this CPU; on x86 its AMX kernels are left out, as they segfault on the
+# first decode on AMX Xeons (backends/llama_cpp/lib.py), so its other repacked kernels stay usable there
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)
 
 .PHONY: demo test venv clean bench-suite backend chromium qemu
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --progress-bar off torch==2.13.0
-	$(BIN)/pip install --progress-bar off -e '.[convert,dicom,bench,dev,openvino,serve]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/pip install --progress-bar off -e '.[convert,dicom,bench,dev,openvino,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -40,7 +40,8 @@ BASELINE = "mtmd F16"
 # AVX512_BF16/FP16 but no AMX, 4-layer and 1-layer screens) and before this script's first full-size run.
 CANDIDATES: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     (BASELINE, "gguf:f16", {}, "control (25.1 s on the AMD EPYC suite machine)"),
-    ("onnx:int8 as shipped", "onnx:int8", {}, "control: 0.32-0.41x mtmd F16 (AMD suite 0.38-0.41x; Intel screen 0.32x)"),
+    ("onnx:int8 as shipped", "onnx:int8", {}, "control: 0.32-0.41x mtmd F16 (AMD suite 0.38-0.41x; Intel screen 0.32x); AMX Xeon: 0.25-0.35x (MLAS int8 "
+     "GEMMs on AMX, attention still fp32)"),
     ("onnx:int8, IO binding", "onnx:int8", {"iobinding": True},
      "same as shipped within 1%: the output is 2.6 MB, its copy ~1 ms of ~10 s"),
     ("onnx:int8, threads pinned", "onnx:int8", {"affinity": True},
@@ -51,14 +52,15 @@ CANDIDATES: tuple[tuple[str, str, dict[str, Any], str], ...] = (
      "same per image within 3%: M is already 4096 rows; peak RSS up by one image's activations"),
     ("ov:bf16", "ov:bf16", {},
      "Intel without AMX: ~0.75x mtmd F16, slower than OpenVINO's own f32 (Intel screen); AMD EPYC (Zen 4): "
-     "0.31-0.38x (4-layer screen 0.35x); AMX: below onnx:int8 (unmeasured)"),
+     "0.31-0.38x (4-layer screen 0.35x); AMX Xeon: 0.15-0.20x, below onnx:int8"),
     ("ov:bf16 compiled f32", "ov:bf16", {"hint": "f32"},
      "~0.55x mtmd F16, like onnx:fp32 (Intel screen 0.54x)"),
     ("ov:int8 as shipped (bf16 rest where bf16 pays)", "ov:int8", {},
      "Intel without AMX (f32 rest): ~0.38x mtmd F16, ~1.2x onnx:int8's time; AMD EPYC (Zen 4, bf16 rest): "
-     "0.27-0.31x, as the 4-layer screen's 0.30x"),
+     "0.27-0.31x, as the 4-layer screen's 0.30x; AMX Xeon: 0.15-0.18x (bench's first run there: 0.16x)"),
     ("ov:int8, rest f32", "ov:int8", {"hint": "f32"},
-     "AMD EPYC: ~0.42x as the 4-layer screen; Intel without AMX: the same as shipped"),
+     "AMD EPYC: ~0.42x as the 4-layer screen; Intel without AMX: the same as shipped; AMX Xeon: 0.22-0.30x "
+     "(fp32 attention, ~2 TFLOP, without AMX)"),
     ("ov:int8, rest bf16", "ov:int8", {"hint": "bf16"},
      "Intel without AMX: ~3% slower than ov:int8 (bf16 attention no faster here); AMD EPYC: as shipped"),
     ("ov:int8, dynamic-quantization groups of 128", "ov:int8", {"ov_config": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 128}},

@@ -157,3 +157,13 @@ def test_cpu_build_advised_when_library_lacks_cpu_features() -> None:
     fake["cpu"]["flags"] = ["avx2", "avx512f"]
     text = "\n".join(advice(fake))
     assert "AVX512" in text and "-DMEDGEMMA_BACKEND=cpu" in text
+
+
+def test_amx_kernels_are_advised_away_and_never_asked_for() -> None:
+    """An AMX CPU with our AMX-free build gets no rebuild tip; a build with AMX kernels gets the AMX-free one."""
+    fake = _fake(None, False, ["CPUExecutionProvider"])
+    fake["cpu"]["flags"] = ["avx2", "amx_int8"]
+    assert not any("AMX" in tip or "cmake" in tip for tip in advice(fake))
+    fake["llama_cpp"]["system_info"] = "CPU : AVX2 = 1 | AMX_INT8 = 1 |"
+    text = "\n".join(advice(fake))
+    assert "AMX kernels" in text and "-mno-amx-int8" in text

@@ -27,7 +27,11 @@ def test_greedy_equals_llama_cpp_python(gemma_270m: Path) -> None:
     """Our decoding loop and llama-cpp-python's own `Llama` agree token for token on the same GGUF."""
     import llama_cpp
 
+    from medgemma_edge.backends.llama_cpp.lib import AMX_FREE_BUILD, use_extra_buffers
+
     pipe = medgemma_edge.load_decoder_gguf(gemma_270m)
+    if not use_extra_buffers():  # `Llama` keeps llama.cpp's AMX kernels, which would crash the whole run
+        pytest.fail(f"this llama.cpp has AMX kernels; rebuild it without them: {AMX_FREE_BUILD}")
     ours = medgemma_edge.generate(pipe, "What is the capital of France?", sampling=medgemma_edge.SamplingParams(max_new_tokens=24))
     ids, _ = pipe.prompt_logits("What is the capital of France?")
     llm = llama_cpp.Llama(model_path=str(gemma_270m), n_ctx=4096, flash_attn=True, swa_full=True, verbose=False)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_edge.backends.llama_cpp.lib import quiet_llama
+from medgemma_edge.backends.llama_cpp.lib import quiet_llama, use_extra_buffers
 from medgemma_edge.errors import UserError
 from medgemma_edge.runtime.template import BOS_ID, CONTROL_TEXT, Control, ImageSlot, Markers, Part
 
@@ -40,8 +40,9 @@ class LlamaCppBaseline:
         import llama_cpp
         from llama_cpp import mtmd_cpp
         self._ll, self._mt = llama_cpp, mtmd_cpp
-        self._model = llama_cpp.llama_model_load_from_file(str(decoder_gguf).encode(),
-                                                           llama_cpp.llama_model_default_params())
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = use_extra_buffers()  # as our decoder's: no AMX crash (llama_cpp/lib.py)
+        self._model = llama_cpp.llama_model_load_from_file(str(decoder_gguf).encode(), model_params)
         if not self._model:
             raise UserError(f"{decoder_gguf}: llama.cpp could not load this GGUF; re-run `medgemma-edge convert`")
         cparams = llama_cpp.llama_context_default_params()  # llama.cpp's defaults, except the shared knobs

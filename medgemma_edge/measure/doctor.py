@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medgemma_edge.backends.llama_cpp.lib import AMX_FREE_BUILD, has_amx_kernels
 from medgemma_edge.measure.encoder_advice import encoder_tips, fastest_encoder
 from medgemma_edge.measure.hardware import fingerprint, slug
 
@@ -18,10 +19,10 @@ log = logging.getLogger(__name__)
 
 _ENV_VARS = ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")
 # llama.cpp system_info names for the CPU flags that matter most; a CPU flag whose name reads
-# "= 0" (or is absent) means the loaded libggml was built for an older CPU than this one.
+# "= 0" (or is absent) means the loaded libggml was built for an older CPU than this one. AMX is left out on
+# purpose: its kernels crash (backends/llama_cpp/lib.py), so our builds compile them out.
 _SYSTEM_INFO_NAMES = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512",
-                      "avx512_vnni": "AVX512_VNNI", "avx_vnni": "AVX_VNNI", "avx512_bf16": "AVX512_BF16",
-                      "amx_int8": "AMX_INT8"}
+                      "avx512_vnni": "AVX512_VNNI", "avx_vnni": "AVX_VNNI", "avx512_bf16": "AVX512_BF16"}
 
 
 def _lib_names(base: str) -> list[str]:
@@ -131,6 +132,9 @@ def advice(fp: dict[str, Any]) -> list[str]:
 
     tips.extend(onnxruntime_provider_advice(fp))
     tips.extend(encoder_tips(fp))
+    if has_amx_kernels(llama.get("system_info") or ""):
+        tips.append("the loaded llama.cpp has AMX kernels, which crash on AMX CPUs, so medgemma-edge runs it "
+                    f"without repacked weights (slower decoding); rebuild it without them: {AMX_FREE_BUILD}")
     missing = _missing_cpu_features(fp)
     if missing:
         tips.append(f"the loaded llama.cpp does not use this CPU's {', '.join(missing)}; "
