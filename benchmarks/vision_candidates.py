@@ -40,7 +40,8 @@ BASELINE = "mtmd F16"
 # AVX512_BF16/FP16 but no AMX, 4-layer and 1-layer screens) and before this script's first full-size run.
 CANDIDATES: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     (BASELINE, "gguf:f16", {}, "control (25.1 s on the AMD EPYC suite machine)"),
-    ("onnx:int8 as shipped", "onnx:int8", {}, "control: 0.32-0.41x mtmd F16 (AMD suite 0.38-0.41x; Intel screen 0.32x); AMX Xeon: 0.25-0.35x (MLAS int8 "
+    ("onnx:int8 as shipped", "onnx:int8", {},
+     "control: 0.32-0.41x mtmd F16 (AMD suite 0.38-0.41x; Intel screen 0.32x); AMX Xeon: 0.25-0.35x (MLAS int8 "
      "GEMMs on AMX, attention still fp32)"),
     ("onnx:int8, IO binding", "onnx:int8", {"iobinding": True},
      "same as shipped within 1%: the output is 2.6 MB, its copy ~1 ms of ~10 s"),

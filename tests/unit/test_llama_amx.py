@@ -26,5 +26,5 @@ def test_the_installed_build_keeps_its_repacked_kernels() -> None:
 
     quiet_llama()
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    assert not has_amx_kernels(info), f"this llama.cpp was built with AMX kernels ({info}); rebuild it as the Makefile does"
+    assert not has_amx_kernels(info), f"this llama.cpp has AMX kernels ({info}); rebuild it as the Makefile does"
     assert use_extra_buffers()
