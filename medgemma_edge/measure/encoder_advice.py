@@ -51,9 +51,10 @@ def fastest_encoder(fp: dict[str, Any]) -> tuple[str, str]:
 
 def encoder_tips(fp: dict[str, Any]) -> list[str]:
     """Advice lines: what to install or convert for the faster encoder, when the setup lacks it."""
-    if fastest_encoder(fp)[0].startswith("ov:") and not (fp.get("versions") or {}).get("openvino"):
+    encoder = fastest_encoder(fp)[0]
+    if encoder.startswith("ov:") and not (fp.get("versions") or {}).get("openvino"):
         why = "this CPU has AMX" if "amx_bf16" in _flags(fp) else "this CPU runs bf16 faster than f32"
         return [f"{why}: OpenVINO's encoders (ov:int8, ov:bf16) use it, ONNX Runtime's CPU kernels do not: "
                 "pip install 'medgemma-edge[openvino]', convert with --ov-vision bf16,int8, run with "
-                f"--encoder {fastest_encoder(fp)[0]}, and compare with {MEASURE}"]
+                f"--encoder {encoder}, and compare with {MEASURE}"]
     return []
