@@ -32,9 +32,21 @@ def reference_classes(checkpoint: Path) -> tuple[Any, Any, bool]:
     return Gemma3ForConditionalGeneration, AutoProcessor, False
 
 
+# the decoder in eager attention (every mask spelled out: causal text, bidirectional image spans, the window);
+# the vision tower, which has no mask, in sdpa: eager materializes 16 x 4096 x 4096 fp32 attention weights per
+# layer (2.7 GB more at the 4B's peak), and sdpa's image features differ from eager's by 1.5e-6
+REFERENCE_ATTENTION = {"text_config": "eager", "vision_config": "sdpa"}
+ATTENTION_NAME = "eager attention (vision tower: sdpa)"
+
+
+def reference_name(checkpoint: Path) -> str:
+    model_cls, _, text_only = reference_classes(checkpoint)
+    return f"transformers {model_cls.__name__}, float32, " + ("eager attention" if text_only else ATTENTION_NAME)
+
+
 class Reference:
     """Gemma3ForConditionalGeneration (or Gemma3ForCausalLM for a text-only checkpoint) in float32 with
-    eager attention, plus its processor (or tokenizer)."""
+    eager attention in the decoder, plus its processor (or tokenizer)."""
 
     def __init__(self, checkpoint: Path) -> None:
         import torch
@@ -43,14 +55,11 @@ class Reference:
         model_cls, processor_cls, self.text_only = reference_classes(checkpoint)
         self.processor = processor_cls.from_pretrained(checkpoint)
         self.model, info = model_cls.from_pretrained(
-            checkpoint, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+            checkpoint, dtype=torch.float32, output_loading_info=True,
+            attn_implementation="eager" if self.text_only else REFERENCE_ATTENTION)
         # a tensor transformers did not find would be silently random: parity would then be meaningless
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         self.model.eval()
-
-    @property
-    def name(self) -> str:
-        return f"transformers {type(self.model).__name__}, float32, eager attention"
 
     def inputs(self, prompt: str, images: list[Path], system: str | None = None) -> dict[str, Any]:
         if images and self.text_only:

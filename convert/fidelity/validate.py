@@ -27,7 +27,7 @@ from convert.checkpoint import Checkpoint
 from convert.fidelity.inputs import (SYSTEM, Case, check_reference, find_images, make_cases, partner, preflight,
                                      read_prompts, select)
 from convert.fidelity.metrics import chunked_parity, compare, greedy_agreement, pool
-from convert.fidelity.reference import reference_classes
+from convert.fidelity.reference import reference_name
 from medgemma_edge.bundle import Artifact, Bundle, open_bundle
 from medgemma_edge.bundle.precisions import lookup
 from medgemma_edge.errors import UserError
@@ -239,7 +239,7 @@ def validate(bundle_dir: Path, reference: Path, images_dir: Path | None = None, 
         "bundle": {"path": str(bundle.dir.resolve()), "manifest_sha256": manifest_sha},
         "reference": {"path": str(reference.resolve()), "sha256": _digest(ref_files), "files": ref_files,
                       "same_as_bundle_source": ref_files == (bundle.manifest.get("source") or {}).get("files"),
-                      "model": f"transformers {reference_classes(reference)[0].__name__}, float32, eager attention",
+                      "model": reference_name(reference),
                       "seconds": ref_seconds},
         "inputs": {"system": SYSTEM, "max_new_tokens": max_new_tokens,
                    "cases": [{"name": c.name, "prompt": c.prompt, "image": c.source} for c in cases]},

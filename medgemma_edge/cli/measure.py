@@ -92,7 +92,7 @@ def validate_cmd(bundle_dir: Path, reference: Path, images: Path | None, prompts
     prompts) and greedy-answer agreement; per encoder: image-feature cosine.
     The report goes to BUNDLE/validation/<time>/ and is listed in manifest.json
     (which changes the bundle id; artifacts are untouched). Each prompt is asked
-    text-only and each image once. The reference needs ~4.2 GB per billion
+    text-only and each image once. The reference needs ~4.3 GB per billion
     parameters of memory; it is freed before the artifacts load.
     Exit codes: 0 every threshold passed; 4 a threshold failed (report written,
     failures on stderr); 2 bad input; 3 an artifact's sha256 differs.
