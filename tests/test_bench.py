@@ -77,7 +77,7 @@ def test_report_files_ratios_and_hardware(bench_doc: dict) -> None:
     assert "transformers:fp32" in ours["vs"] and _row(saved, "transformers:fp32")["vs"] == {}
     md = (out / "bench.md").read_text()
     assert "| gguf:f32+gguf:f32 |" in md and "## 2 images per question" in md and "## Targets" in md
-    # the targets are about onnx:int8+gguf:q4_k_m, not measured here: reported as such, never as met
+    # the targets are about the composed int8/OpenVINO paths, not measured here: reported as such, never as met
     assert all(t["value"] is None and t["passed"] is None for t in saved["targets"])
 
 
