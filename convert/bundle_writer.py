@@ -25,6 +25,7 @@ from convert.writers.gguf_decoder import DECODER_PRECISIONS, base_type, quantize
 from convert.writers.gguf_mmproj import write_mmproj
 from convert.writers import onnx_decoder as onnx_decoder_writer
 from convert.writers.onnx_decoder import write_onnx_decoder
+from convert.writers.onnx_decoder_graph import ATTENTION
 from convert.writers.onnx_vision import check_request, write_onnx_vision
 from convert.writers.ov_vision import OvVisionExporter
 from convert.writers.ov_vision import check_request as check_ov_request
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: list[str], mmproj: list[str] | None,
                        overwrite: bool = False, progress: bool = True, onnx_vision: list[str] | None = None,
                        onnx_decoder: list[str] | None = None, calibration_images: Path | None = None,
-                       force: bool = False, ov_vision: list[str] | None = None) -> Bundle:
+                       force: bool = False, ov_vision: list[str] | None = None,
+                       onnx_attention: str = "fused") -> Bundle:
     """Write a bundle of the planned artifacts; refused up front when disk or (unless `force`) memory is short.
 
     `mmproj` None: the default (f16) where the checkpoint has a vision part, none for a text-only one."""
@@ -70,6 +72,8 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
                         f"drop --ov-vision")
     for p in plan["ov_vision"]:
         check_ov_request(p)
+    if onnx_attention not in ATTENTION:
+        raise UserError(f"--onnx-attention {onnx_attention!r} is not supported; choose from {', '.join(ATTENTION)}")
     if calibration_images is not None and not Path(calibration_images).is_dir():
         raise UserError(f"{calibration_images}: calibration image folder not found; pass a folder of PNG/JPEG/DICOM files")
     if not src.is_dir():
@@ -92,7 +96,7 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, gguf: li
 
     try:
         with publishing_dir(out, replace=overwrite) as tmp:
-            artifacts = _write_artifacts(ckpt, spec, tmp, plan, calibration_images, progress)
+            artifacts = _write_artifacts(ckpt, spec, tmp, plan, calibration_images, progress, onnx_attention)
             write_manifest(tmp, {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -143,7 +147,7 @@ Written = tuple[str, str, str, Path, dict[str, Any]]  # kind, format, precision,
 
 
 def _write_artifacts(ckpt: Checkpoint, spec: Any, tmp: Path, plan: dict[str, list[str]],
-                     calibration_images: Path | None, progress: bool) -> list[Artifact]:
+                     calibration_images: Path | None, progress: bool, onnx_attention: str) -> list[Artifact]:
     written: list[Written] = []
     gguf = plan["gguf"]
     if gguf:
@@ -180,7 +184,7 @@ def _write_artifacts(ckpt: Checkpoint, spec: Any, tmp: Path, plan: dict[str, lis
         del exporter
     for p in tqdm(plan["onnx_decoder"], desc="onnx decoder", unit="artifact", disable=not progress or not plan["onnx_decoder"]):
         path = tmp / f"decoder-{p}.onnx"
-        written.append(("decoder", "onnx", p, path, write_onnx_decoder(ckpt, spec, path, p)))
+        written.append(("decoder", "onnx", p, path, write_onnx_decoder(ckpt, spec, path, p, attention=onnx_attention)))
     return [_hashed(tmp, w) for w in tqdm(written, desc="sha256", unit="artifact", disable=not progress)]
 
 

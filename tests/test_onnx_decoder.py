@@ -21,6 +21,7 @@ from convert.writers.onnx_decoder import DEFAULT_ACCURACY_LEVEL, estimate_disk, 
 from helpers import decoder_bound
 from medgemma_edge import UserError
 from medgemma_edge.backends.onnx.decoder import OnnxDecoderModel
+from medgemma_edge.backends.onnx.session import provider_names
 
 IMAGE_TOKEN = 262144
 EOS = (1, 106)
@@ -35,14 +36,19 @@ def written(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     for precision in ("fp32", "int8", "int4", "int4_b128"):
         paths[precision] = out / f"decoder-{precision}.onnx"
         write_onnx_decoder(ckpt, spec, paths[precision], precision)
+    for precision in ("fp32", "int4"):  # the same contract from ops every execution provider has
+        paths[f"{precision}-portable"] = out / f"decoder-{precision}-portable.onnx"
+        write_onnx_decoder(ckpt, spec, paths[f"{precision}-portable"], precision, attention="portable")
     return {"spec": spec, "ckpt": ckpt, "config": spec.summary(), "paths": paths, "dir": out}
 
 
-def model(written: dict[str, Any], precision: str, **text_overrides: Any) -> OnnxDecoderModel:
+def model(written: dict[str, Any], precision: str, providers: list[str] | None = None,
+          **text_overrides: Any) -> OnnxDecoderModel:
     config = written["config"]
     if text_overrides:
         config = {**config, "text": {**config["text"], **text_overrides}}
-    return OnnxDecoderModel(written["paths"][precision], config, n_threads=2)
+    return OnnxDecoderModel(written["paths"][precision], config, n_threads=2,
+                            providers=provider_names(providers) if providers else None)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +94,16 @@ def greedy(decoder: Any, last: np.ndarray, n: int) -> list[int]:
     return tokens
 
 
-def test_fp32_matches_transformers_past_the_window(written: dict[str, Any], conversation: dict[str, Any]) -> None:
-    decoder = model(written, "fp32").new_context(256)
+@pytest.mark.parametrize(("graph", "providers"), [("fp32", None), ("fp32-portable", None),
+                                                  ("fp32-portable", ["openvino", "cpu"])])
+def test_fp32_matches_transformers_past_the_window(written: dict[str, Any], conversation: dict[str, Any],
+                                                   graph: str, providers: list[str] | None) -> None:
+    """On the CPU provider, and the portable graph on OpenVINO's (its plugin, in fp32): every node there,
+    each call writing a second cache buffer (OpenVINO corrupts one bound as both input and output)."""
+    loaded = model(written, graph, providers)
+    if providers:
+        assert loaded.providers[0] == "OpenVINOExecutionProvider", loaded.providers
+    decoder = loaded.new_context(256)
     logits = prefill(decoder, conversation["ids"], conversation["features"])
     m = parity(conversation["logits"], logits)
     assert m["mean_kl"] < 1e-4 and m["top1"] == 1.0, m
@@ -156,6 +170,29 @@ def test_quantized_decoders_stay_within_their_bounds_in_order(written: dict[str,
     assert kl["fp32"] < kl["int8"] < kl["int4"] < kl["int4_b128"], kl  # a quarter of the scales costs fidelity
 
 
+def test_portable_graph_uses_only_common_ops_and_agrees_with_fused(written: dict[str, Any],
+                                                                  conversation: dict[str, Any]) -> None:
+    """`--onnx-attention portable`: opset 17, none of the ops DirectML or OpenVINO lack, and the int4 graph decides
+    the conversation as the fused one does (the same weights; only the order of the arithmetic differs)."""
+    import onnx
+
+    proto = onnx.load(str(written["paths"]["int4-portable"]), load_external_data=False)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {o.version for o in proto.opset_import if o.domain == ""} == {17}
+    assert not ops & {"Attention", "TensorScatter", "Gelu"} and {"ScatterElements", "Softmax", "MatMul"} <= ops
+    logits = {}
+    for graph in ("int4", "int4-portable"):
+        decoder = model(written, graph).new_context(256)
+        logits[graph] = prefill(decoder, conversation["ids"], conversation["features"])
+    # int8 activations (accuracy level 4) round a few values the other way, so the two differ by far less than
+    # either differs from transformers, and agree wherever the fused graph's choice is decisive
+    between = parity(logits["int4"], logits["int4-portable"])
+    share, agree = decisive_top1(logits["int4"], logits["int4-portable"])
+    assert between["mean_kl"] < 0.01 and share >= 0.5 and agree, (between, share)
+    fused, portable = (parity(conversation["logits"], logits[g])["mean_kl"] for g in ("int4", "int4-portable"))
+    assert portable < decoder_bound("onnx:int4")[0] and abs(portable - fused) < 0.05 * fused, (fused, portable)
+
+
 def test_int8_activations_decide_as_fp32_activations(written: dict[str, Any], reference,
                                                      conversation: dict[str, Any]) -> None:
     """accuracy_level 4 (int8 activations, the default: 3x faster decode than 0) against level 0, teacher-forced
@@ -204,8 +241,16 @@ def test_bad_calls_are_refused_and_change_nothing(written: dict[str, Any]) -> No
     np.testing.assert_allclose(decoder.eval_tokens([2, 105, 2364], all_logits=True), before, atol=1e-5)
 
 
+def test_providers_that_are_not_here_are_refused_in_one_line(written: dict[str, Any]) -> None:
+    with pytest.raises(UserError, match="no TPU device here .*--providers openvino:cpu,cpu"):
+        model(written, "fp32-portable", ["openvino:tpu", "cpu"])  # a device OpenVINO never has
+    with pytest.raises(UserError, match="CoreMLExecutionProvider is not available in this onnxruntime"):
+        provider_names(["coreml", "cpu"])
+
+
 def test_disk_estimate_covers_what_is_written(written: dict[str, Any]) -> None:
-    for precision, path in written["paths"].items():
+    for graph, path in written["paths"].items():
+        precision = graph.removesuffix("-portable")
         size = path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
         estimate = estimate_disk(written["spec"], precision)
         assert size <= estimate <= 1.2 * size + (8 << 20), (precision, size, estimate)
@@ -228,9 +273,12 @@ def test_27b_shape_rules(tmp_path: Path) -> None:
     inputs = reference.inputs("Describe this X-ray " + "and the heart " * 10, [], "You are an expert radiologist.")
     with torch.no_grad():
         expected = reference.model(**inputs).logits[0].numpy()
-    decoder = OnnxDecoderModel(path, spec.summary(), n_threads=2).new_context(256)
-    m = parity(expected, decoder.eval_tokens(inputs["input_ids"][0].tolist(), all_logits=True))
-    assert m["mean_kl"] < 1e-4 and m["top1"] == 1.0, m
+    portable = tmp_path / "decoder-fp32-portable.onnx"  # the query-head groups of another shape
+    write_onnx_decoder(Checkpoint(ckpt_dir), spec, portable, "fp32", attention="portable")
+    for graph in (path, portable):
+        decoder = OnnxDecoderModel(graph, spec.summary(), n_threads=2).new_context(256)
+        m = parity(expected, decoder.eval_tokens(inputs["input_ids"][0].tolist(), all_logits=True))
+        assert m["mean_kl"] < 1e-4 and m["top1"] == 1.0, (graph.name, m)
     # o_proj reduces over 4 x 48 = 192 values: no whole 128-value blocks, refused before anything is written
     with pytest.raises(UserError, match=r"widths \[192\] are not multiples of the 128-value .* --onnx-decoder fp32"):
         write_onnx_decoder(Checkpoint(ckpt_dir), spec, tmp_path / "decoder-int4_b128.onnx", "int4_b128")

@@ -18,9 +18,9 @@ from typing import Any
 from convert.checkpoint import Checkpoint
 from convert.models.gemma3 import MedGemmaSpec, TextSpec
 from convert.writers.onnx_blockquant import BLOCK_SIZE, quantized_bytes
-from convert.writers.onnx_decoder_graph import EMBED_CHUNK_ROWS, DecoderGraph, Quant, Weights
+from convert.writers.onnx_decoder_graph import ATTENTION, EMBED_CHUNK_ROWS, DecoderGraph, Quant, Weights
 from convert.writers.onnx_external import ALIGN, ExternalData
-from convert.writers.onnx_graph import OPSET, Graph
+from convert.writers.onnx_graph import OPSET, PORTABLE_OPSET, Graph
 from medgemma_edge.backends.onnx import decoder_io as io
 from medgemma_edge.errors import UserError
 from medgemma_edge.fsutil import atomic_write
@@ -40,12 +40,17 @@ _BASE_RAM = 900 << 20  # the converting process before the decoder starts: Pytho
 
 
 def write_onnx_decoder(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precision: str,
-                       accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[str, Any]:
-    """Write `out` and `out`.data; returns the manifest recipe."""
+                       accuracy_level: int = DEFAULT_ACCURACY_LEVEL, attention: str = "fused") -> dict[str, Any]:
+    """Write `out` and `out`.data; returns the manifest recipe.
+
+    attention "fused": ONNX Runtime's CPU kernels for Attention and TensorScatter (opset 24); "portable": the
+    same graph contract from ops every execution provider implements (opset 17; docs/onnx-decoder.md)."""
     if precision not in ONNX_DECODER_PRECISIONS:
         raise UserError(f"--onnx-decoder {precision!r} is not supported; choose from {', '.join(ONNX_DECODER_PRECISIONS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise UserError(f"ONNX decoder accuracy_level {accuracy_level!r} is not one of {ACCURACY_LEVELS}")
+    if attention not in ATTENTION:
+        raise UserError(f"--onnx-attention {attention!r} is not supported; choose from {', '.join(ATTENTION)}")
     bits, block_size = ONNX_DECODER_PRECISIONS[precision]
     t = spec.text
     odd = sorted({k for _, k in _linears(t) if k % block_size})
@@ -55,18 +60,24 @@ def write_onnx_decoder(ckpt: Checkpoint, spec: MedGemmaSpec, out: Path, precisio
     data_path = out.with_name(out.name + ".data")
     with ExternalData(data_path) as data:
         graph = Graph(data)
-        DecoderGraph(graph, Weights(ckpt), t, Quant(bits, accuracy_level, block_size)).build()
-        model = graph.model("medgemma_decoder", f"{io.GRAPH_FORMAT}: Gemma 3 decoder, {precision}")
+        DecoderGraph(graph, Weights(ckpt), t, Quant(bits, accuracy_level, block_size), attention).build()
+        opset = PORTABLE_OPSET if attention == "portable" else OPSET
+        model = graph.model("medgemma_decoder", f"{io.GRAPH_FORMAT}: Gemma 3 decoder, {precision}, {attention}",
+                            opset)
     atomic_write(out, model.SerializeToString())
     log.info("wrote ONNX decoder %s (%s): graph %.1f KiB, weights %.1f MiB", out.name, precision,
              out.stat().st_size / 2**10, data_path.stat().st_size / 2**20)
     recipe: dict[str, Any] = {
         "writer": "medgemma-edge onnx_decoder (direct graph, streamed weights)",
-        "graph_format": io.GRAPH_FORMAT, "opset": OPSET, "ms_opset": 1,
-        "attention": "ONNX Attention (q_num_heads/kv_num_heads) over the whole cache buffer with the runtime's "
-                     "additive mask: causal text, bidirectional image spans, sliding window q - k < window",
+        "graph_format": io.GRAPH_FORMAT, "opset": opset, "ms_opset": 1, "attention_ops": attention,
+        "attention": ("ONNX Attention (q_num_heads/kv_num_heads)" if attention == "fused" else
+                      "MatMul and Softmax, each kv head broadcast over its query heads (no repeated K/V),")
+                     + " over the whole cache buffer with the runtime's additive mask: causal text, bidirectional "
+                       "image spans, sliding window q - k < window",
         "kv_cache": "caller-owned fp32 buffers [1, kv_heads, capacity, head_dim] per layer, written in place by "
-                    "TensorScatter (circular); local layers keep a ring of window + chunk - 1 positions",
+                    + ("TensorScatter (circular)" if attention == "fused"
+                       else "ScatterElements at (write + i) mod capacity")
+                    + "; local layers keep a ring of window + chunk - 1 positions",
         "fused": ["q_proj+k_proj+v_proj", "gate_proj+up_proj"],
         "norms": "Gemma RMSNorm as SimplifiedLayerNormalization, weights stored as 1 + w",
         "logits": "positions listed in logits_index only (the last one while generating)",

@@ -3,7 +3,8 @@
 Hidden states are 2-D [S, hidden] throughout (one sequence per call). Each layer: Gemma RMSNorm with
 its 1 + w folded into the weight (SimplifiedLayerNormalization), one fused q/k/v projection, per-head
 q/k norms, rotary embedding from the layer type's table, the in-place cache write (TensorScatter)
-and the standard ONNX `Attention` over the whole buffer with the runtime's mask, the output
+and the standard ONNX `Attention` over the whole buffer with the runtime's mask (or, `portable`, the
+same from ScatterElements, MatMul and Softmax, for execution providers without those two), the output
 projection, post-attention norm, and the fused gate/up MLP with tanh GELU. The tied embedding is one
 block-quantized table shared by the lookup (GatherBlockQuantized) and the LM head (MatMulNBits).
 ref: transformers models/gemma3/modeling_gemma3.py (Gemma3DecoderLayer, Gemma3RMSNorm, rotate_half).
@@ -27,6 +28,9 @@ from medgemma_edge.backends.onnx import decoder_io as io
 log = logging.getLogger(__name__)
 
 EMBED_CHUNK_ROWS = 8192  # rows of the 262k-row embedding quantized at once (4B: 84 MB of fp32)
+
+
+ATTENTION = ("fused", "portable")  # how a layer writes its cache and attends (see DecoderGraph.attend)
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,8 @@ class Weights:
 
 
 class DecoderGraph:
-    def __init__(self, g: Graph, weights: Weights, t: TextSpec, quant: Quant) -> None:
-        self.g, self.w, self.t, self.q = g, weights, t, quant
+    def __init__(self, g: Graph, weights: Weights, t: TextSpec, quant: Quant, attention: str = "fused") -> None:
+        self.g, self.w, self.t, self.q, self.portable = g, weights, t, quant, attention == "portable"
 
     # -- building blocks ---------------------------------------------------------------------------
     def linear(self, x: str, parts: list[str], label: str) -> str:
@@ -129,10 +133,32 @@ class DecoderGraph:
         else:
             bits = self.q.bits or 0
             flat = self.g.data.alias(table + ".rows", table, (self.t.vocab_size, self.t.hidden_size * bits // 8))
-            rows = self.g.op("GatherBlockQuantized", [flat, ids, scales], domain=MS_DOMAIN, bits=bits,
-                             block_size=self.q.block, gather_axis=0, quantize_axis=1, label="embed")
+            if self.portable:
+                rows = self.dequantized_rows(flat, ids, scales, bits)
+            else:
+                rows = self.g.op("GatherBlockQuantized", [flat, ids, scales], domain=MS_DOMAIN, bits=bits,
+                                 block_size=self.q.block, gather_axis=0, quantize_axis=1, label="embed")
         scale = np.float32(math.sqrt(self.t.hidden_size))
         return self.g.op("Mul", [rows, self.g.const(scale, np.float32)], label="embed_scale")
+
+    def dequantized_rows(self, codes: str, ids: str, scales: str, bits: int) -> str:
+        """GatherBlockQuantized's lookup from Gather and arithmetic, for the portable graph (DirectML has no
+        GatherBlockQuantized): only the rows looked up are dequantized, (code - 2^(bits-1)) x their block's
+        scale, as onnx_blockquant.dequantize_blocks. No -1 in the shapes: a call of image embeddings looks up
+        no rows, and -1 cannot be inferred for an empty tensor."""
+        g, h, block = self.g, self.t.hidden_size, self.q.block
+        width = h * bits // 8
+        c = g.op("Cast", [g.op("Gather", [codes, ids], axis=0)], to=FLOAT)  # [S, width]
+        if bits == 4:  # two codes a byte, the first in the low nibble; split in float (no BitShift before 18 in ONNX)
+            sixteen = g.const(np.float32(16), np.float32)
+            high = g.op("Floor", [g.op("Div", [c, sixteen])])
+            low = g.op("Sub", [c, g.op("Mul", [high, sixteen])])
+            pairs = [g.op("Reshape", [x, g.const([0, width, 1])]) for x in (low, high)]
+            c = g.op("Reshape", [g.op("Concat", pairs, axis=-1), g.const([0, h])])
+        centred = g.op("Sub", [c, g.const(np.float32(1 << (bits - 1)), np.float32)])
+        block_scales = g.op("Unsqueeze", [g.op("Gather", [scales, ids], axis=0), g.const([-1])])  # [S, h/block, 1]
+        w = g.op("Mul", [g.op("Reshape", [centred, g.const([0, h // block, block])]), block_scales])
+        return g.op("Reshape", [w, g.const([0, h])], label="embed")
 
     def lm_head(self, x: str, table: str, scales: str | None, out: str) -> None:
         t, softcap = self.t, self.t.final_logit_softcapping
@@ -169,18 +195,69 @@ class DecoderGraph:
         for kind, new in (("key", k), ("value", v)):
             past = g.input(io.cache_input(i, kind), FLOAT, [1, kv, f"capacity_{i}", d])
             present = g.output(io.cache_output(i, kind), FLOAT, [1, kv, f"capacity_{i}", d])
-            caches.append(g.op("TensorScatter", [past, new, write], outputs=[present], axis=2, mode="circular"))
-        y = g.op("Attention", [q, caches[0], caches[1], masks[t.layer_types[i]]], q_num_heads=nh, kv_num_heads=kv,
-                 scale=float(t.query_pre_attn_scalar) ** -0.5, label=f"layers.{i}.attention")
+            caches.append(self.write_cache(past, new, write, present))
+        y = self.attend(q, caches[0], caches[1], masks[t.layer_types[i]], f"layers.{i}.attention")
         y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.const([-1, nh * d])])
         return self.linear(y, [b + "o_proj.weight"], b + "o_proj")
+
+    def write_cache(self, past: str, new: str, write: str, present: str) -> str:
+        """past [1, kv, C, d] with `new` [1, kv, S, d] at slots (write + 0..S-1) mod C, as `present`.
+
+        On ONNX Runtime's CPU provider the runtime binds `past` and `present` to one buffer, and both ops below
+        write in place; elsewhere it binds two (medgemma_edge/backends/onnx/decoder.py).
+        """
+        g = self.g
+        if not self.portable:
+            return g.op("TensorScatter", [past, new, write], outputs=[present], axis=2, mode="circular")
+        n = g.op("Gather", [g.op("Shape", [new]), g.const(2)], axis=0)
+        capacity = g.op("Gather", [g.op("Shape", [past]), g.const(2)], axis=0)
+        offsets = g.op("Range", [g.const(0), n, g.const(1)])
+        positions = g.op("Add", [offsets, g.op("Reshape", [write, g.const([])])])
+        # Mod in float (exact below 2**24 positions): DirectML's Mod takes no int64
+        slots = g.op("Cast", [g.op("Mod", [g.op("Cast", [positions], to=FLOAT), g.op("Cast", [capacity], to=FLOAT)],
+                                    fmod=1)], to=INT64)
+        index = g.op("Expand", [g.op("Reshape", [slots, g.const([1, 1, -1, 1])]), g.op("Shape", [new])])
+        return g.op("ScatterElements", [past, index, new], outputs=[present], axis=2)
+
+    def attend(self, q: str, k: str, v: str, mask: str, label: str) -> str:
+        """Attention of q [1, heads, S, d] over the cache k, v [1, kv, C, d] with the additive mask [1, 1, S, C].
+
+        fused: the ONNX Attention op (opset 23), ONNX Runtime's CPU kernel. portable: the same arithmetic from
+        MatMul and Softmax, which every execution provider implements; each kv head serves its group of
+        query heads by broadcasting (ref: transformers repeat_kv: query head h reads kv head h // group),
+        so K and V are never repeated.
+        """
+        t, g = self.t, self.g
+        nh, kv, d = t.num_heads, t.num_kv_heads, t.head_dim
+        scale = float(t.query_pre_attn_scalar) ** -0.5
+        if not self.portable:
+            return g.op("Attention", [q, k, v, mask], q_num_heads=nh, kv_num_heads=kv, scale=scale, label=label)
+        group = g.op("Reshape", [g.op("Mul", [q, g.const(np.float32(scale), np.float32)]),
+                                 g.const([kv, nh // kv, -1, d])])  # [kv, group, S, d]
+        k4 = g.op("Transpose", [g.op("Reshape", [k, g.const([kv, 1, -1, d])])], perm=[0, 1, 3, 2])  # [kv, 1, d, C]
+        scores = g.op("Add", [g.op("MatMul", [group, k4]), mask], label=label + "_scores")  # [kv, group, S, C]
+        probs = g.op("Softmax", [scores], axis=-1)
+        y = g.op("MatMul", [probs, g.op("Reshape", [v, g.const([kv, 1, -1, d])])])  # [kv, group, S, d]
+        return g.op("Reshape", [y, g.const([1, nh, -1, d])], label=label)
 
     def mlp(self, h: str, i: int) -> str:
         b, ff = f"layers.{i}.mlp.", self.t.intermediate_size
         gate_up = self.linear(h, [b + "gate_proj.weight", b + "up_proj.weight"], b + "gate_up")
         gate, up = self.g.op("Split", [gate_up, self.g.const([ff, ff])], axis=-1, n_out=2)
-        act = self.g.op("Gelu", [gate], approximate="tanh")  # ref: gelu_pytorch_tanh
+        act = self.gelu_tanh(gate)
         return self.linear(self.g.op("Mul", [act, up]), [b + "down_proj.weight"], b + "down_proj")
+
+    def gelu_tanh(self, x: str) -> str:
+        """ref: transformers gelu_pytorch_tanh. Gelu (opset 20) where it may; the portable graph (opset 17, and
+        DirectML has no Gelu) spells it out: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+        g = self.g
+        if not self.portable:
+            return g.op("Gelu", [x], approximate="tanh")
+        cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+        inner = g.op("Add", [x, g.op("Mul", [cube, g.const(np.float32(0.044715), np.float32)])])
+        t = g.op("Tanh", [g.op("Mul", [inner, g.const(np.float32(math.sqrt(2 / math.pi)), np.float32)])])
+        half = g.op("Mul", [x, g.const(np.float32(0.5), np.float32)])
+        return g.op("Mul", [half, g.op("Add", [t, g.const(np.float32(1.0), np.float32)])])
 
     def build(self) -> None:
         t, g = self.t, self.g

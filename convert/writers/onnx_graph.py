@@ -10,6 +10,10 @@ from onnx import ModelProto, TensorProto, helper
 from convert.writers.onnx_external import ExternalData
 
 OPSET = 24  # TensorScatter (the in-place KV write) is opset 24; Attention exists since 23
+# the portable decoder's ops are all older. ONNX Runtime matches a node to a kernel registered for that op's own
+# version, so DirectML's ScatterElements (registered for version 16, none for 18) needs an opset of 16 or 17;
+# docs/onnx-decoder.md lists which providers register which of the graph's ops
+PORTABLE_OPSET = 17
 MS_DOMAIN = "com.microsoft"
 
 
@@ -54,9 +58,9 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
         return name
 
-    def model(self, graph_name: str, doc: str) -> ModelProto:
+    def model(self, graph_name: str, doc: str, opset: int = OPSET) -> ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, initializer=self.data.tensors)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                         helper.make_opsetid(MS_DOMAIN, 1)],
                                   producer_name="medgemma-edge", doc_string=doc)
         model.ir_version = 10  # what onnxruntime 1.2x reads; opset 24 needs IR >= 10

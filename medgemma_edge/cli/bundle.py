@@ -53,6 +53,10 @@ def info(bundle_dir: Path, no_verify: bool, as_json: bool) -> None:
                    + flag_help("encoder", "gguf") + ".")
 @click.option("--onnx-vision", default="", help="ONNX Runtime vision encoder precisions. " + flag_help("encoder", "onnx") + ".")
 @click.option("--onnx-decoder", default="", help="ONNX Runtime decoder precisions. " + flag_help("decoder", "onnx") + ".")
+@click.option("--onnx-attention", type=click.Choice(["fused", "portable"]), default="fused", show_default=True,
+              help="How the ONNX decoder attends. fused: ONNX Attention and TensorScatter (opset 24), ONNX Runtime's "
+                   "CPU kernels. portable: MatMul, Softmax and ScatterElements (opset 17), which the OpenVINO, "
+                   "DirectML and CUDA providers implement: pick it for a GPU or NPU provider.")
 @click.option("--ov-vision", default="", help="OpenVINO vision encoder precisions (needs the `openvino` extra). "
               + flag_help("encoder", "ov") + ".")
 @click.option("--calibration-images", type=click.Path(path_type=Path), default=None,
@@ -60,7 +64,7 @@ def info(bundle_dir: Path, no_verify: bool, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (atomically, only once the new one is complete).")
 @click.option("--force", is_flag=True, help="Convert even if the memory estimate exceeds what is available (never disk).")
 def convert(checkpoint_dir: Path, out_dir: Path, gguf: str, mmproj: str | None, onnx_vision: str, onnx_decoder: str,
-            calibration_images: Path | None, overwrite: bool, force: bool, ov_vision: str) -> None:
+            calibration_images: Path | None, overwrite: bool, force: bool, ov_vision: str, onnx_attention: str) -> None:
     """Convert a local MedGemma Hugging Face checkpoint into a bundle (GGUF and ONNX artifacts).
 
     The disk and memory it needs are estimated from the checkpoint's shapes first; a conversion that
@@ -71,7 +75,8 @@ def convert(checkpoint_dir: Path, out_dir: Path, gguf: str, mmproj: str | None, 
     bundle = convert_checkpoint(checkpoint_dir, out_dir, csv(gguf), None if mmproj is None else csv(mmproj),
                                 overwrite=overwrite,
                                 onnx_vision=csv(onnx_vision), onnx_decoder=csv(onnx_decoder),
-                                calibration_images=calibration_images, force=force, ov_vision=csv(ov_vision))
+                                calibration_images=calibration_images, force=force, ov_vision=csv(ov_vision),
+                                onnx_attention=onnx_attention)
     click.echo(f"wrote {bundle.dir}: " + ", ".join(f"{a.kind} {a.id}" for a in bundle.artifacts))
 
 

@@ -47,7 +47,11 @@ def _target(kw: dict[str, Any], with_images: bool, decoder_gguf: Path | None = N
             encoder: str | None = None) -> Any:
     from medgemma_edge.datasets import Target
 
-    providers = tuple(p.strip() for p in kw["providers"].split(",") if p.strip()) if kw["providers"] else None
+    from medgemma_edge.backends.onnx.session import provider_names
+
+    # resolved here, so a provider this machine lacks is one line before any item runs
+    asked = [p.strip() for p in (kw["providers"] or "").split(",") if p.strip()]
+    providers = tuple(provider_names(asked)) if asked else None
     common = dict(n_ctx=kw["n_ctx"], n_threads=kw["threads"], providers=providers, verify=not kw["no_verify"],
                   force=kw["force"], memory_limit=None if kw["memory_limit"] is None else int(kw["memory_limit"] * 2**30),
                   cache_dir=str(kw["cache_dir"]) if kw["cache_dir"] else None,

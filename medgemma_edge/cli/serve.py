@@ -20,7 +20,7 @@ from medgemma_edge.errors import UserError
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, type=whole(64, MAX_CTX),
               help="Context length of each slot, in tokens.")
 @click.option("--threads", default=None, type=whole(1, MAX_THREADS), help="CPU threads per slot (default: the backend's).")
-@click.option("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu.")
+@click.option("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu or openvino:gpu,cpu.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifacts against the manifest (logged).")
 @click.option("--memory-limit", type=finite(0.0, 1e6), default=None, help="GiB this may use (default: what is available).")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate exceeds the limit.")

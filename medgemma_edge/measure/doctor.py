@@ -82,8 +82,9 @@ def _missing_cpu_features(fp: dict[str, Any]) -> list[str]:
 def onnxruntime_provider_advice(fp: dict[str, Any]) -> list[str]:
     """Which ONNX Runtime package gives this workstation's GPU a provider (NVIDIA: in advice()).
 
-    Each package replaces the `onnxruntime` module: a swap, not an addition. onnxruntime-openvino 1.24
-    loads none of our graphs (benchmarks/README.md, "Execution providers"), so Intel GPUs get no package.
+    The DirectML build replaces the `onnxruntime` module: a swap, not an addition. OpenVINO's provider comes
+    as a plugin of the stock onnxruntime (onnxruntime-ep-openvino); it runs the whole ONNX decoder only when
+    that was converted with --onnx-attention portable (benchmarks/README.md, "Execution providers").
     """
     providers = set((fp.get("onnxruntime") or {}).get("providers") or [])
     vendors = {g.get("vendor") for g in fp.get("gpus") or []}
@@ -95,8 +96,12 @@ def onnxruntime_provider_advice(fp: dict[str, Any]) -> list[str]:
                 "&& pip install onnxruntime-directml, then --providers dml,cpu (nodes DirectML lacks run on the CPU; "
                 "not measured by this project)"]
     if "Intel" in vendors:
-        return ["ONNX Runtime: no GPU package for this Intel GPU: onnxruntime-openvino 1.24 cannot load "
-                "medgemma-edge's ONNX graphs; keep onnxruntime (CPU) and use llama.cpp's Vulkan build for the GPU"]
+        steps = ("convert the ONNX decoder with --onnx-attention portable and run it with --providers openvino:gpu,cpu "
+                 "(measured on OpenVINO's CPU device only; the GPU device is not measured by this project)")
+        if (fp.get("versions") or {}).get("onnxruntime_ep_openvino"):
+            return [f"ONNX Runtime: for this Intel GPU {steps}"]
+        return [f"ONNX Runtime: for this Intel GPU install OpenVINO's provider plugin: pip install "
+                f"'medgemma-edge[openvino-ep]' (it adds to onnxruntime, no swap); then {steps}"]
     return []
 
 

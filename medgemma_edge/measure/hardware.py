@@ -277,6 +277,7 @@ def fingerprint() -> dict[str, Any]:
             "onnxruntime": package_version("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"),
             "numpy": package_version("numpy"),
             "openvino": package_version("openvino"),
+            "onnxruntime_ep_openvino": package_version("onnxruntime-ep-openvino"),
         },
         "llama_cpp": _llama_cpp(),
         "onnxruntime": _onnxruntime(),

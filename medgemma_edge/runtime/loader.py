@@ -63,6 +63,10 @@ def _decoder(bundle: Bundle, a: Artifact, n_ctx: int, n_batch: int, n_threads: i
     shape = decoder_shape(bundle.config)
     if a.format == "onnx":
         model = OnnxDecoderModel(bundle.path(a), bundle.config, providers=providers, n_threads=n_threads)
+        # measured with OpenVINO (benchmarks/README.md, "Execution providers"); the other GPU providers are not
+        if model.providers[0] == "OpenVINOExecutionProvider" and a.recipe.get("attention_ops", "fused") == "fused":
+            log.warning("%s: its Attention and TensorScatter nodes run on the CPU beside %s; for that provider "
+                        "convert with --onnx-attention portable", a.id, model.providers[0])
         # one tokenizer for every backend: llama.cpp's, from the bundle's GGUF read vocabulary-only
         vocab = LlamaModel(bundle.path(bundle.vocab_artifact()), vocab_only=True, expect=shape)
         return model, lambda: model.new_context(n_ctx), vocab.tokenizer, [vocab]

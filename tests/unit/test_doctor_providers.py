@@ -20,7 +20,7 @@ def _fp(os_name: str, vendor: str | None, providers: list[str]) -> dict[str, Any
 @pytest.mark.parametrize(("os_name", "vendor", "providers", "expect"), [
     ("Windows-11-10.0.22631-SP0", "AMD", ["CPUExecutionProvider"], "onnxruntime-directml"),
     ("Windows-11-10.0.22631-SP0", "Intel", ["CPUExecutionProvider"], "onnxruntime-directml"),
-    ("Linux-6.8.0-x86_64-with-glibc2.39", "Intel", ["CPUExecutionProvider"], "no GPU package"),
+    ("Linux-6.8.0-x86_64-with-glibc2.39", "Intel", ["CPUExecutionProvider"], "medgemma-edge[openvino-ep]"),
     ("Windows-11-10.0.22631-SP0", "AMD", ["DmlExecutionProvider", "CPUExecutionProvider"], None),
     ("Linux-6.8.0-x86_64-with-glibc2.39", "Intel", ["OpenVINOExecutionProvider", "CPUExecutionProvider"], None),
     ("Linux-6.8.0-x86_64-with-glibc2.39", None, ["CPUExecutionProvider"], None),
@@ -39,4 +39,9 @@ def test_swaps_are_spelled_out() -> None:
     tip = onnxruntime_provider_advice(_fp("Windows-10", "AMD", ["CPUExecutionProvider"]))[0]
     assert "pip uninstall -y onnxruntime && pip install onnxruntime-directml" in tip and "--providers dml" in tip
     intel = onnxruntime_provider_advice(_fp("Linux-6.8.0", "Intel", ["CPUExecutionProvider"]))[0]
-    assert "onnxruntime-openvino" in intel and "Vulkan" in intel
+    assert "no swap" in intel and "--onnx-attention portable" in intel and "--providers openvino:gpu,cpu" in intel
+    # the plugin installed (it lists no provider until a session registers it): only the conversion and the flag
+    installed = {**_fp("Linux-6.8.0", "Intel", ["CPUExecutionProvider"]),
+                 "versions": {"onnxruntime_ep_openvino": "1.8.1"}}
+    tip = onnxruntime_provider_advice(installed)[0]
+    assert "pip install" not in tip and "--onnx-attention portable" in tip

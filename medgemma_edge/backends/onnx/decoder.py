@@ -80,6 +80,11 @@ class OnnxDecoder:
         self._image_of = np.full(n_ctx, -1, np.int64)  # image span id per position, -1 for text
         self._io = model.session.io_binding()
         self._bound: list[Any] = []  # the OrtValues over our buffers (kept alive while bound)
+        # in place (a cache's input and output bound to one buffer) only where ONNX Runtime's CPU provider runs
+        # every node: OpenVINO works on host memory directly and corrupts an aliased buffer (benchmarks/README.md,
+        # "Execution providers"); elsewhere each call writes a second buffer, and the two swap
+        self._in_place = model.providers == ["CPUExecutionProvider"]
+        self._spares: dict[tuple[str, str, int], np.ndarray] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -144,15 +149,31 @@ class OnnxDecoder:
             for j, layer in enumerate(group.layers):
                 for kind, buffers in (("key", group.keys), ("value", group.values)):
                     value = ort.OrtValue.ortvalue_from_numpy(buffers[j])  # shares the numpy memory
+                    out = value if self._in_place else ort.OrtValue.ortvalue_from_numpy(
+                        self._spare(group.kind, kind, j, buffers[j]))
                     binding.bind_ortvalue_input(io.cache_input(layer, kind), value)
-                    binding.bind_ortvalue_output(io.cache_output(layer, kind), value)  # same memory: in place
-                    self._bound.append(value)
+                    binding.bind_ortvalue_output(io.cache_output(layer, kind), out)
+                    self._bound += [value, out]
+
+    def _spare(self, group: str, kind: str, j: int, like: np.ndarray) -> np.ndarray:
+        spare = self._spares.get((group, kind, j))
+        if spare is None or spare.shape != like.shape:
+            spare = self._spares[(group, kind, j)] = np.empty_like(like)
+        return spare
+
+    def _swap(self) -> None:
+        """After a call that wrote the spare buffers: they now hold the cache (the graph writes whole buffers)."""
+        for group in self._groups.values():
+            for kind, buffers in (("key", group.keys), ("value", group.values)):
+                for j in range(len(buffers)):
+                    key = (group.kind, kind, j)
+                    buffers[j], self._spares[key] = self._spares[key], buffers[j]
 
     def _run(self, payload: np.ndarray, image: bool, all_logits: bool) -> np.ndarray:
         p, s = self.n_past, len(payload)
         self._check_room(s)
         grown = [group.reserve(p + s) for group in self._groups.values()]
-        if any(grown) or not self._bound:
+        if any(grown) or not self._bound or not self._in_place:
             self._bind_buffers()
         span = self._spans if image else -1
         self._image_of[p:p + s] = span
@@ -176,6 +197,8 @@ class OnnxDecoder:
             for group in self._groups.values():
                 group.slot_pos[group.slots_of(np.arange(p, p + s))] = -1
             raise
+        if not self._in_place:
+            self._swap()
         for kind, group in self._groups.items():
             group.slot_pos = slot_maps[kind]
         self.n_past = p + s
@@ -188,6 +211,7 @@ class OnnxDecoder:
         self._io.clear_binding_inputs()
         self._io.clear_binding_outputs()
         self._bound = []
+        self._spares.clear()
         for group in self._groups.values():
             group.keys.clear()
             group.values.clear()

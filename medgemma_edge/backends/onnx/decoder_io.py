@@ -2,8 +2,9 @@
 
 One call evaluates S new positions, either all tokens or all image embeddings. Every layer's KV
 cache is a caller-owned buffer [1, kv_heads, capacity, head_dim] that the graph updates in place
-(TensorScatter, circular, at `write_index`): the runtime binds each `cache_*` input and its
-`present_*` output to the same memory, so nothing is concatenated or copied per step. Which slots
+(TensorScatter, circular, at `write_index`; the portable graph: ScatterElements at (write_index + i) mod
+capacity): on ONNX Runtime's CPU provider the runtime binds each `cache_*` input and its `present_*`
+output to the same memory, so nothing is concatenated or copied per step. Which slots
 hold which positions, and who may attend to whom, is the runtime's business: it passes one additive
 mask per attention type over the capacity of that type's buffers.
 """
