@@ -67,6 +67,7 @@ class Weights:
 class DecoderGraph:
     def __init__(self, g: Graph, weights: Weights, t: TextSpec, quant: Quant, attention: str = "fused") -> None:
         self.g, self.w, self.t, self.q, self.portable = g, weights, t, quant, attention == "portable"
+        self.slot_index: dict[str, str] = {}  # the portable cache write's index per attention type (build sets it)
 
     # -- building blocks ---------------------------------------------------------------------------
     def linear(self, x: str, parts: list[str], label: str) -> str:
@@ -195,29 +196,38 @@ class DecoderGraph:
         for kind, new in (("key", k), ("value", v)):
             past = g.input(io.cache_input(i, kind), FLOAT, [1, kv, f"capacity_{i}", d])
             present = g.output(io.cache_output(i, kind), FLOAT, [1, kv, f"capacity_{i}", d])
-            caches.append(self.write_cache(past, new, write, present))
+            caches.append(self.write_cache(past, new, write, present, t.layer_types[i]))
         y = self.attend(q, caches[0], caches[1], masks[t.layer_types[i]], f"layers.{i}.attention")
         y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.const([-1, nh * d])])
         return self.linear(y, [b + "o_proj.weight"], b + "o_proj")
 
-    def write_cache(self, past: str, new: str, write: str, present: str) -> str:
+    def write_cache(self, past: str, new: str, write: str, present: str, kind: str) -> str:
         """past [1, kv, C, d] with `new` [1, kv, S, d] at slots (write + 0..S-1) mod C, as `present`.
 
         On ONNX Runtime's CPU provider the runtime binds `past` and `present` to one buffer, and both ops below
         write in place; elsewhere it binds two (medgemma_edge/backends/onnx/decoder.py).
         """
-        g = self.g
         if not self.portable:
-            return g.op("TensorScatter", [past, new, write], outputs=[present], axis=2, mode="circular")
-        n = g.op("Gather", [g.op("Shape", [new]), g.const(2)], axis=0)
-        capacity = g.op("Gather", [g.op("Shape", [past]), g.const(2)], axis=0)
-        offsets = g.op("Range", [g.const(0), n, g.const(1)])
-        positions = g.op("Add", [offsets, g.op("Reshape", [write, g.const([])])])
-        # Mod in float (exact below 2**24 positions): DirectML's Mod takes no int64
-        slots = g.op("Cast", [g.op("Mod", [g.op("Cast", [positions], to=FLOAT), g.op("Cast", [capacity], to=FLOAT)],
-                                    fmod=1)], to=INT64)
-        index = g.op("Expand", [g.op("Reshape", [slots, g.const([1, 1, -1, 1])]), g.op("Shape", [new])])
-        return g.op("ScatterElements", [past, index, new], outputs=[present], axis=2)
+            return self.g.op("TensorScatter", [past, new, write], outputs=[present], axis=2, mode="circular")
+        return self.g.op("ScatterElements", [past, self.slot_index[kind], new], outputs=[present], axis=2)
+
+    def slot_indices(self, positions: str, write: str) -> dict[str, str]:
+        """The portable cache write's index [1, kv, S, d] per attention type, built once: every layer of a type
+        has the same capacity (the first layer's key buffer gives it)."""
+        t, g = self.t, self.g
+        n = g.op("Gather", [g.op("Shape", [positions]), g.const(1)], axis=0)
+        offsets = g.op("Add", [g.op("Range", [g.const(0), n, g.const(1)]), g.op("Reshape", [write, g.const([])])])
+        out = {}
+        for kind in sorted(set(t.layer_types)):
+            past = io.cache_input(t.layer_types.index(kind), "key")
+            capacity = g.op("Gather", [g.op("Shape", [past]), g.const(2)], axis=0)
+            # Mod in float (exact below 2**24 positions): DirectML's Mod takes no int64
+            slots = g.op("Cast", [g.op("Mod", [g.op("Cast", [offsets], to=FLOAT), g.op("Cast", [capacity], to=FLOAT)],
+                                        fmod=1)], to=INT64)
+            # Expand broadcasts [1, 1, S, 1] against [1, kv, 1, d]
+            out[kind] = g.op("Expand", [g.op("Reshape", [slots, g.const([1, 1, -1, 1])]),
+                                        g.const([1, t.num_kv_heads, 1, t.head_dim])])
+        return out
 
     def attend(self, q: str, k: str, v: str, mask: str, label: str) -> str:
         """Attention of q [1, heads, S, d] over the cache k, v [1, kv, C, d] with the additive mask [1, 1, S, C].
@@ -269,6 +279,7 @@ class DecoderGraph:
         kinds = sorted(set(t.layer_types))
         masks = {k: g.input(io.MASKS[k], FLOAT, [1, 1, "positions", f"capacity_{k}"]) for k in kinds}
 
+        self.slot_index = self.slot_indices(positions, write) if self.portable else {}
         pos = g.op("Reshape", [g.op("Cast", [positions], to=FLOAT), g.const([1, -1, 1, 1])])
         rope = {"full_attention": (t.rope_theta, t.rope_linear_factor),
                 "sliding_attention": (t.rope_local_theta, None)}  # ref: HF scales only the global table
