@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +25,21 @@ ALL_ONNX_VISION = [p for p in names("encoder", "onnx") if p != "int8_static"]
 ALL_ONNX_DECODER = list(names("decoder", "onnx"))
 ENCODERS = [f"gguf:{p}" for p in ALL_MMPROJ] + [f"onnx:{p}" for p in ALL_ONNX_VISION]
 DECODERS = [f"gguf:{p}" for p in ALL_GGUF] + [f"onnx:{p}" for p in ALL_ONNX_DECODER]
+
+
+# onnxruntime-ep-openvino 1.8 lists Intel devices only: none on an AMD CPU, though OpenVINO runs there
+NO_OPENVINO_DEVICE = "onnxruntime-ep-openvino lists no device on this non-Intel machine"
+
+
+@functools.cache
+def openvino_plugin_kinds() -> list[str]:
+    """The device kinds OpenVINO's plugin lists here (CPU, GPU, NPU), asked in a fresh process: registering the
+    plugin in the test process would decide which libopenvino every later test loads."""
+    script = ("import json; from medgemma_edge.backends.onnx.session import plugin_devices; "
+              "print(json.dumps([k for _, k in plugin_devices('OpenVINOExecutionProvider')]))")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def linked_copy(src: Path, dst: Path, private: tuple[str, ...] = ()) -> Path:

@@ -1,6 +1,7 @@
 """`convert --onnx-attention portable` and `run --providers openvino,cpu` as a user runs them: the tiny checkpoint
 through the CLI, the recipe in the manifest, and the same greedy answer from OpenVINO's provider (its plugin,
-fp32) as from ONNX Runtime's CPU provider."""
+fp32) as from ONNX Runtime's CPU provider, or, where the plugin lists no device (an AMD CPU), a one-line error
+saying so."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, openvino_plugin_kinds, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,11 @@ def test_the_recipe_says_portable(portable_bundle: Path) -> None:
     assert recipe["attention_ops"] == "portable" and recipe["opset"] == 17 and "ScatterElements" in recipe["kv_cache"]
 
 
-def test_openvino_answers_as_the_cpu_does(portable_bundle: Path) -> None:
+def test_openvino_answers_as_the_cpu_does_or_says_it_cannot(portable_bundle: Path) -> None:
+    if not openvino_plugin_kinds():
+        assert_one_line_error(run_cli("run", "--bundle", portable_bundle, "--decoder", "onnx:fp32", "--providers",
+                                      "openvino,cpu", "hello"), "lists no device", "--providers cpu")
+        return
     cpu = _answer(portable_bundle)
     ov = _answer(portable_bundle, "--providers", "openvino,cpu")
     assert ov["providers"]["decoder"][0] == "OpenVINOExecutionProvider", ov["providers"]
@@ -58,17 +63,39 @@ def test_openvino_conversion_still_works_after_the_plugin_loads(portable_bundle:
 
     script = (
         "import json, sys, torch\n"
+        "from medgemma_edge import UserError\n"
         "from medgemma_edge.bundle import open_bundle\n"
         "from medgemma_edge.backends.onnx.decoder import OnnxDecoderModel\n"
         "from medgemma_edge.backends.onnx.session import provider_names\n"
         "b = open_bundle(sys.argv[1])\n"
         "a = next(a for a in b.artifacts if a.format == 'onnx')\n"
-        "m = OnnxDecoderModel(b.path(a), b.config, providers=provider_names(['openvino', 'cpu']))\n"
+        "try:\n"  # the plugin is registered before a device is chosen, so the order is tested on any CPU
+        "    providers = OnnxDecoderModel(b.path(a), b.config,\n"
+        "                                 providers=provider_names(['openvino', 'cpu'])).providers\n"
+        "except UserError:\n"
+        "    providers = []\n"
         "import openvino as ov\n"  # after the plugin: the order that failed
         "ov.convert_model(torch.nn.Linear(4, 4), example_input=torch.zeros(1, 4))\n"
-        "print(json.dumps(m.providers))\n"
+        "print(json.dumps(providers))\n"
     )
     res = subprocess.run([sys.executable, "-c", script, str(portable_bundle)], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1])[0] == "OpenVINOExecutionProvider"
+    providers = json.loads(res.stdout.strip().splitlines()[-1])
+    assert providers[:1] == (["OpenVINOExecutionProvider"] if openvino_plugin_kinds() else []), providers
+
+
+def test_the_memory_check_counts_a_second_cache_buffer_off_the_cpu_provider(portable_bundle: Path) -> None:
+    """Off the CPU provider each cache gets a second buffer (the calls alternate), so the preflight counts the KV
+    cache twice. It refuses before any session is made, so this needs no OpenVINO device."""
+    import re
+
+    from medgemma_edge import UserError, load
+
+    kv = []
+    for providers in (["CPUExecutionProvider"], ["OpenVINOExecutionProvider:CPU", "CPUExecutionProvider"]):
+        with pytest.raises(UserError, match="needs about") as refused:
+            load(portable_bundle, decoder="onnx:fp32", text_only=True, providers=providers, memory_limit=1,
+                 n_ctx=131072)
+        kv.append(float(re.search(r"kv_cache ([0-9.]+)", str(refused.value)).group(1)))
+    assert kv[0] > 0.05 and kv[1] == pytest.approx(2 * kv[0], rel=0.1), kv

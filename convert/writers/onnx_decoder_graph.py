@@ -1,12 +1,14 @@
 """The Gemma 3 decoder as ONNX nodes, written directly (no tracing) from the checkpoint's tensors.
 
 Hidden states are 2-D [S, hidden] throughout (one sequence per call). Each layer: Gemma RMSNorm with
-its 1 + w folded into the weight (SimplifiedLayerNormalization), one fused q/k/v projection, per-head
-q/k norms, rotary embedding from the layer type's table, the in-place cache write (TensorScatter)
-and the standard ONNX `Attention` over the whole buffer with the runtime's mask (or, `portable`, the
-same from ScatterElements, MatMul and Softmax, for execution providers without those two), the output
-projection, post-attention norm, and the fused gate/up MLP with tanh GELU. The tied embedding is one
-block-quantized table shared by the lookup (GatherBlockQuantized) and the LM head (MatMulNBits).
+its 1 + w folded into the weight (SimplifiedLayerNormalization; after a residual add, one
+SkipSimplifiedLayerNormalization does both), one fused q/k/v projection, per-head q/k norms, rotary
+embedding (RotaryEmbedding) from the layer type's table, the in-place cache write (TensorScatter) and
+the standard ONNX `Attention` over the whole buffer with the runtime's mask, the output projection,
+post-attention norm, and the fused gate/up MLP with tanh GELU. `portable` builds the same from older
+ops (ScatterElements, MatMul, Softmax, Add, rotate-half arithmetic) for execution providers without
+them. The tied embedding is one block-quantized table shared by the lookup (GatherBlockQuantized) and
+the LM head (MatMulNBits).
 ref: transformers models/gemma3/modeling_gemma3.py (Gemma3DecoderLayer, Gemma3RMSNorm, rotate_half).
 """
 
@@ -84,14 +86,28 @@ class DecoderGraph:
         return self.g.op("MatMulNBits", [x, packed, scales], domain=MS_DOMAIN, K=k, N=n, bits=self.q.bits,
                          block_size=self.q.block, accuracy_level=self.q.accuracy_level, label=label)
 
-    def norm(self, x: str, name: str) -> str:
+    def norm_weight(self, name: str) -> str:
         # ref: Gemma3RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32
-        weight = self.g.weight(name, (1.0 + self.w.get(name)).astype(np.float32))
-        return self.g.op("SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=self.t.rms_norm_eps,
-                         stash_type=1, label=name.rsplit(".", 1)[0])
+        return self.g.weight(name, (1.0 + self.w.get(name)).astype(np.float32))
+
+    def norm(self, x: str, name: str) -> str:
+        return self.g.op("SimplifiedLayerNormalization", [x, self.norm_weight(name)], axis=-1,
+                         epsilon=self.t.rms_norm_eps, stash_type=1, label=name.rsplit(".", 1)[0])
+
+    def residual(self, x: str, h: str, name: str) -> tuple[str, str]:
+        """(norm `name` of x + h: the next block's input, x + h: the residual stream). Fused: one
+        SkipSimplifiedLayerNormalization, which returns the sum as its fourth output."""
+        if self.portable:
+            total = self.g.op("Add", [x, h])
+            return self.norm(total, name), total
+        label = name.rsplit(".", 1)[0]
+        normed, total = self.g.name(label), self.g.name(label + "_sum")
+        self.g.op("SkipSimplifiedLayerNormalization", [h, x, self.norm_weight(name)],
+                  outputs=[normed, "", "", total], domain=MS_DOMAIN, epsilon=self.t.rms_norm_eps, label=label)
+        return normed, total
 
     def rope_tables(self, positions: str, theta: float, factor: float | None, label: str) -> tuple[str, str]:
-        """cos, sin [1, S, 1, head_dim/2] for one RoPE table (global or local)."""
+        """cos, sin [1, S, head_dim/2] for one RoPE table (global or local)."""
         d = self.t.head_dim
         # ref: transformers _compute_default_rope_parameters; linear scaling divides the frequencies
         inv_freq = (1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / d)).astype(np.float32)
@@ -101,7 +117,10 @@ class DecoderGraph:
         return self.g.op("Cos", [angles]), self.g.op("Sin", [angles])
 
     def rope(self, x: str, cos: str, sin: str) -> str:
-        """x [1, S, heads, head_dim]; ref: transformers rotate_half (halves, not interleaved pairs)."""
+        """x [1, heads, S, head_dim], cos/sin [1, S, head_dim/2]; ref: transformers rotate_half (halves, not
+        interleaved pairs), which is RotaryEmbedding's default (interleaved=0)."""
+        if not self.portable:
+            return self.g.op("RotaryEmbedding", [x, cos, sin], label="rope")
         half = self.t.head_dim // 2
         x1, x2 = self.g.op("Split", [x, self.g.const([half, half])], axis=-1, n_out=2)
         first = self.g.op("Sub", [self.g.op("Mul", [x1, cos]), self.g.op("Mul", [x2, sin])])
@@ -185,9 +204,9 @@ class DecoderGraph:
 
         def heads(x: str, n: str | int, norm: str | None) -> str:  # [S, n*d] -> [1, n, S, d]
             x = g.op("Reshape", [x, g.const([1, -1, n, d])])
-            if norm is not None:
-                x = self.rope(self.norm(x, norm), cos, sin)
-            return g.op("Transpose", [x], perm=[0, 2, 1, 3])
+            if norm is None:
+                return g.op("Transpose", [x], perm=[0, 2, 1, 3])
+            return self.rope(g.op("Transpose", [self.norm(x, norm)], perm=[0, 2, 1, 3]), cos, sin)
 
         q = heads(q, nh, b + "q_norm.weight")
         k = heads(k, kv, b + "k_norm.weight")
@@ -280,7 +299,7 @@ class DecoderGraph:
         masks = {k: g.input(io.MASKS[k], FLOAT, [1, 1, "positions", f"capacity_{k}"]) for k in kinds}
 
         self.slot_index = self.slot_indices(positions, write) if self.portable else {}
-        pos = g.op("Reshape", [g.op("Cast", [positions], to=FLOAT), g.const([1, -1, 1, 1])])
+        pos = g.op("Reshape", [g.op("Cast", [positions], to=FLOAT), g.const([1, -1, 1])])
         rope = {"full_attention": (t.rope_theta, t.rope_linear_factor),
                 "sliding_attention": (t.rope_local_theta, None)}  # ref: HF scales only the global table
         tables = {k: self.rope_tables(pos, *rope[k], label=f"rope_{k}") for k in kinds}
@@ -288,12 +307,17 @@ class DecoderGraph:
         table, scales = self.embed_table()
         tokens = self.lookup(g.op("Reshape", [ids, g.const([-1])]), table, scales)
         x = g.op("Concat", [g.op("Reshape", [embeds, g.const([-1, t.hidden_size])]), tokens], axis=0)
+        normed = self.norm(x, "layers.0.input_layernorm.weight")
         for i in range(t.num_layers):
             b = f"layers.{i}."
-            h = self.attention(self.norm(x, b + "input_layernorm.weight"), i, tables, masks, write)
-            x = g.op("Add", [x, self.norm(h, b + "post_attention_layernorm.weight")])
-            h = self.mlp(self.norm(x, b + "pre_feedforward_layernorm.weight"), i)
-            x = g.op("Add", [x, self.norm(h, b + "post_feedforward_layernorm.weight")])
+            h = self.attention(normed, i, tables, masks, write)
+            normed, x = self.residual(x, self.norm(h, b + "post_attention_layernorm.weight"),
+                                      b + "pre_feedforward_layernorm.weight")
+            h = self.norm(self.mlp(normed, i), b + "post_feedforward_layernorm.weight")
+            if i + 1 < t.num_layers:
+                normed, x = self.residual(x, h, f"layers.{i + 1}.input_layernorm.weight")
+            else:  # the final norm reads only the logit positions, gathered first
+                x = g.op("Add", [x, h])
             log.debug("layer %d written (%.0f MiB so far)", i, g.data.offset / 2**20)
         last = self.norm(g.op("Gather", [x, logits_index], axis=0), "norm.weight")
         self.lm_head(last, table, scales, g.output(io.LOGITS, FLOAT, ["logit_positions", t.vocab_size]))

@@ -26,7 +26,8 @@ class Graph:
         self._count = 0
         self._consts: dict[tuple[str, bytes], str] = {}
 
-    def _name(self, hint: str) -> str:
+    def name(self, hint: str) -> str:
+        """A fresh value name."""
         self._count += 1
         return f"{hint}_{self._count}"
 
@@ -34,8 +35,8 @@ class Graph:
            domain: str = "", label: str | None = None, **attrs: Any) -> Any:
         """Append one node; returns its output name (or names when n_out > 1)."""
         base = label or op_type
-        outs = outputs or [self._name(base) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._name(base + "_node"), domain=domain,
+        outs = outputs or [self.name(base) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(base + "_node"), domain=domain,
                                            **attrs))
         return outs[0] if len(outs) == 1 else outs
 
@@ -44,7 +45,7 @@ class Graph:
         array = np.asarray(value, dtype=dtype)
         key = (str(array.dtype) + str(array.shape), array.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.data.add(self._name("const"), array)
+            self._consts[key] = self.data.add(self.name("const"), array)
         return self._consts[key]
 
     def weight(self, name: str, array: np.ndarray) -> str:

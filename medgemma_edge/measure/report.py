@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,6 +48,12 @@ def _mean(row: dict[str, Any] | None, metric: str) -> float | None:
     return stat["mean"] if stat else None
 
 
+def measured_or_first(combos: tuple[str, ...], present: Iterable[str]) -> list[str]:
+    """The combos that were measured, in `combos`' order; none: the first alone, for one "not measured" row."""
+    have = set(present)
+    return [c for c in combos if c in have] or [combos[0]]
+
+
 def add_comparisons(doc: dict[str, Any]) -> None:
     """Per row: ratios to each baseline at the same image count; per target: value, limit, pass."""
     rows = {(r["n_images"], r["combo"]): r for r in doc["rows"]}
@@ -66,8 +73,7 @@ def add_comparisons(doc: dict[str, Any]) -> None:
     doc["targets"] = []
     # the targets are about the composed image path: a text-only bundle has none to meet
     for t in TARGETS if doc["config"].get("vision") else ():
-        measured = [c for c in t.combos if (n1, c) in rows] or [t.combos[0]]  # none measured: one "not measured" row
-        for combo in measured:
+        for combo in measured_or_first(t.combos, (c for n, c in rows if n == n1)):
             value = _mean(rows.get((n1, combo)), t.metric)
             if value is not None and t.against is not None:
                 other = _mean(rows.get((n1, t.against)), t.metric)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medgemma_edge.measure.report import COMPOSED, LLAMA
+from medgemma_edge.measure.report import COMPOSED, LLAMA, measured_or_first
 
 BEND = 1.25  # a marginal per-slice cost this many times the first one is where the curve bends
 STUDY_TARGETS = (  # (what, metric, slices, compared to, limit)
@@ -83,7 +83,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The study targets, one row per composed path measured (one "not measured" row when none was)."""
     rows = {(r["n_images"], r["combo"]): r for r in doc["rows"]}
     counts = sorted({n for n, _ in rows})
-    combos = [c for c in COMPOSED if any(k == c for _, k in rows)] or [COMPOSED[0]]
+    combos = measured_or_first(COMPOSED, (c for _, c in rows))
     out = []
     for what, metric, n, against, limit in STUDY_TARGETS:
         for combo in combos:

@@ -11,7 +11,8 @@ from typing import Any
 from medgemma_edge.backends.llama_cpp.checks import DecoderShape
 from medgemma_edge.backends.llama_cpp.decoder import LlamaModel
 from medgemma_edge.backends.llama_cpp.mtmd import MtmdEncoder
-from medgemma_edge.backends.onnx.decoder import OnnxDecoderModel
+from medgemma_edge.backends.onnx.decoder import OnnxDecoderModel, binds_in_place
+from medgemma_edge.backends.onnx.session import default_providers
 from medgemma_edge.backends.onnx.vision import OnnxEncoder
 from medgemma_edge.backends.openvino.vision import OpenVinoEncoder, require_openvino
 from medgemma_edge.bundle import Artifact, Bundle, open_bundle
@@ -130,6 +131,8 @@ def load(bundle_dir: str | Path, encoder: str | None = None, decoder: str | None
     tpi = int(cfg["tokens_per_image"]) if enc_a else 0
     n_batch = max(512, tpi)
     kv_bytes = 4 if dec_a.precision == "f32" or dec_a.format == "onnx" else 2  # ONNX keeps an fp32 cache
+    if dec_a.format == "onnx" and not binds_in_place(providers or default_providers()):
+        kv_bytes *= 2  # off the CPU provider each cache has a second buffer the calls alternate with
     weights = sum(a.total_size for a in (dec_a, enc_a) if a is not None)
     backend = "onnx" if dec_a.format == "onnx" else "llama.cpp"
 

@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 CHUNK = 256  # most positions one call writes (text runs are split; an image span is one call)
 
 
+def binds_in_place(providers: list[str]) -> bool:
+    """Whether a cache's input and output share one buffer: only where ONNX Runtime's CPU provider runs every
+    node. OpenVINO works on host memory directly and corrupts an aliased buffer (benchmarks/README.md,
+    "Execution providers"); elsewhere each call writes a second buffer, and the two swap."""
+    return providers == ["CPUExecutionProvider"]
+
+
 class OnnxDecoderModel:
     """The decoder graph in one ONNX Runtime session, shared by every context."""
 
@@ -80,10 +87,7 @@ class OnnxDecoder:
         self._image_of = np.full(n_ctx, -1, np.int64)  # image span id per position, -1 for text
         self._io = model.session.io_binding()
         self._bound: list[Any] = []  # the OrtValues over our buffers (kept alive while bound)
-        # in place (a cache's input and output bound to one buffer) only where ONNX Runtime's CPU provider runs
-        # every node: OpenVINO works on host memory directly and corrupts an aliased buffer (benchmarks/README.md,
-        # "Execution providers"); elsewhere each call writes a second buffer, and the two swap
-        self._in_place = model.providers == ["CPUExecutionProvider"]
+        self._in_place = binds_in_place(model.providers)
         self._spares: dict[tuple[str, str, int], np.ndarray] = {}
         self.reset()
 

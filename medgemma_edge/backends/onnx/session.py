@@ -60,11 +60,10 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _add_plugin(opts: Any, entry: str, n_threads: int | None) -> None:
-    """Register a plugin provider's library once per process and put its device first in `opts`."""
+def plugin_devices(name: str) -> list[tuple[Any, str]]:
+    """A plugin provider's devices as (OrtEpDevice, kind: CPU, GPU, NPU), its library registered once per process."""
     import onnxruntime as ort
 
-    name, _, device = entry.partition(":")
     if name not in _registered:
         if name == "OpenVINOExecutionProvider" and importlib.util.find_spec("openvino") is not None:
             # the `openvino` package's libopenvino first: the plugin ships a copy with the same soname but
@@ -74,12 +73,23 @@ def _add_plugin(opts: Any, entry: str, n_threads: int | None) -> None:
         ort.register_execution_provider_library(name, module.get_library_path())
         _registered.add(name)
     found = [d for d in ort.get_ep_devices() if d.ep_name == name]
-    kinds = [str(d.ep_metadata.get("ov_device") or getattr(d.device.type, "name", d.device.type)) for d in found]
-    chosen = [d for d, k in zip(found, kinds) if k.upper() == (device or "CPU")]
+    return [(d, str(d.ep_metadata.get("ov_device") or getattr(d.device.type, "name", d.device.type))) for d in found]
+
+
+def _add_plugin(opts: Any, entry: str, n_threads: int | None) -> None:
+    """Put a plugin provider's device first in `opts`."""
+    name, _, device = entry.partition(":")
+    found = plugin_devices(name)
+    chosen = [d for d, kind in found if kind.upper() == (device or "CPU")]
+    if not found:
+        # onnxruntime-ep-openvino 1.8 offers Intel devices only, even OpenVINO's CPU device on an AMD CPU
+        # (ref: microsoft/onnxruntime pull 31981, open)
+        raise UserError(f"--providers: {name} has no {device or 'CPU'} device here: its plugin lists no device on "
+                        f"this machine (it takes Intel CPUs, GPUs and NPUs only); use --providers cpu")
     if not chosen:
-        raise UserError(f"--providers: {name} has no {device or 'CPU'} device here (it has: "
-                        f"{', '.join(kinds) or 'none'}); choose one of those, e.g. "
-                        f"--providers openvino:{(kinds or ['cpu'])[0].lower()},cpu")
+        kinds = [kind for _, kind in found]
+        raise UserError(f"--providers: {name} has no {device or 'CPU'} device here (it has: {', '.join(kinds)}); "
+                        f"choose one of those, e.g. --providers openvino:{kinds[0].lower()},cpu")
     # fp32 arithmetic, as the CPU provider and the fidelity reports: OpenVINO's default on AVX512_BF16/AMX CPUs
     # is bf16, which moved the tiny fp32 decoder's logits by 0.55 (5.7e-5 with the hint)
     config = {(device or "CPU"): {"INFERENCE_PRECISION_HINT": "f32"}}
