@@ -27,14 +27,11 @@ ENCODERS = [f"gguf:{p}" for p in ALL_MMPROJ] + [f"onnx:{p}" for p in ALL_ONNX_VI
 DECODERS = [f"gguf:{p}" for p in ALL_GGUF] + [f"onnx:{p}" for p in ALL_ONNX_DECODER]
 
 
-# onnxruntime-ep-openvino 1.8 lists Intel devices only: none on an AMD CPU, though OpenVINO runs there
-NO_OPENVINO_DEVICE = "onnxruntime-ep-openvino lists no device on this non-Intel machine"
-
-
 @functools.cache
 def openvino_plugin_kinds() -> list[str]:
-    """The device kinds OpenVINO's plugin lists here (CPU, GPU, NPU), asked in a fresh process: registering the
-    plugin in the test process would decide which libopenvino every later test loads."""
+    """The device kinds OpenVINO's plugin lists here (CPU, GPU, NPU; none on an AMD CPU: onnxruntime-ep-openvino
+    1.8 lists Intel devices only), asked in a fresh process: registering the plugin in the test process would
+    decide which libopenvino every later test loads."""
     script = ("import json; from medgemma_edge.backends.onnx.session import plugin_devices; "
               "print(json.dumps([k for _, k in plugin_devices('OpenVINOExecutionProvider')]))")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S)
