@@ -179,3 +179,16 @@ def test_unknown_precision_is_refused_before_work(tiny_ckpt: Path, tmp_path: Pat
     with pytest.raises(UserError, match=r"--ov-vision 'fp8' is not supported; choose from bf16, int8"):
         convert_checkpoint(tiny_ckpt, tmp_path / "b", ["q4_0"], [], progress=False, ov_vision=["fp8"])
     assert not (tmp_path / "b").exists()
+
+
+def test_conversion_sends_no_telemetry(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """OpenVINO's conversion API and NNCF send usage data to Google Analytics unless a consent file says no, and
+    count a missing file as yes (openvino-telemetry). The converter declines in its own process: with a fresh HOME
+    no client id (`intel/openvino_ga_cid`) or usage count appears, and no consent file is written for the user."""
+    home = tmp_path / "home"
+    home.mkdir()
+    command = cli_command("convert", tiny_ckpt, "-o", tmp_path / "b", "--gguf", "q4_0", "--ov-vision", "int8")
+    res = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HOME": str(home)}, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "b" / "manifest.json").is_file()
+    assert not list(home.rglob("*")), sorted(str(p.relative_to(home)) for p in home.rglob("*"))

@@ -37,13 +37,28 @@ def hint_for_this_cpu(recorded: str) -> str:
 
 
 def import_openvino(what: object) -> Any:
-    """The openvino module, or a one-line UserError naming the install command."""
+    """The openvino module, or a one-line UserError naming the install command. OpenVINO's telemetry is
+    declined first (decline_telemetry)."""
+    decline_telemetry()
     try:
         import openvino
     except ImportError as exc:
         raise UserError(f"{what}: the ov:* encoders need OpenVINO, which is not installed; {INSTALL_HINT}, "
                         f"or choose another encoder (e.g. --encoder onnx:int8)") from exc
     return openvino
+
+
+def decline_telemetry() -> None:
+    """Answer "declined" to every OpenVINO telemetry consent check in this process. Its conversion API and NNCF
+    send usage data to Google Analytics unless a consent file says no, and count a missing file as yes
+    (openvino-telemetry's OptInChecker with enable_opt_in_dialog=False). This project never phones home, and the
+    user's own consent file is left as it is."""
+    try:
+        from openvino_telemetry.utils import opt_in_checker
+    except ImportError:  # no telemetry package, nothing to decline
+        return
+    declined = opt_in_checker.ConsentCheckResult.DECLINED
+    opt_in_checker.OptInChecker.check = lambda self, *args, **kwargs: declined
 
 
 def require_openvino(what: object) -> None:
